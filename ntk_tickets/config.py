@@ -1,0 +1,346 @@
+"""Typed, frozen study configuration: TOML in, validated dataclasses out.
+
+A study config has the sections ``[data]``, ``[model]``, ``[train]`` and (for mask studies)
+``[tickets]``, plus the top-level keys ``name``, ``paths``, ``metrics`` and ``probe_size``.
+Every field is checked on construction; an error names the dotted field (``train.loss``)
+and the allowed values. Lists become tuples so configs are hashable and immutable.
+
+Example::
+
+    cfg = load_config("study.toml", overrides=["model.widths=[64,256]", "train.steps=200"])
+    cfg.train.steps        # 200
+    config_hash(cfg)       # stable 12-hex-digit identity of the run
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import tomllib
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from ntk_tickets.errors import UserInputError
+
+DATASETS = ("teacher", "sine", "digits", "mnist1d", "npz", "idx")
+ARCHS = ("mlp", "resmlp", "cnn1d", "cnn2d")
+ACTIVATIONS = ("relu", "erf", "tanh", "gelu")
+PARAMETERIZATIONS = ("ntk", "standard")
+OPTIMIZERS = ("sgd", "momentum", "adam")
+SCHEDULES = ("constant", "cosine", "warmup_cosine")
+LOSSES = ("mse", "xent")
+PATHS = ("exact", "linear", "ntk", "nngp")
+METRICS = (
+    "loss",
+    "accuracy",
+    "weight_change",
+    "function_gap",
+    "ntk_change",
+    "ntk_init_error",
+)
+TICKET_METHODS = ("imp", "oneshot", "magnitude_init", "snip", "grasp", "synflow", "ntk_saliency")
+TICKET_SCOPES = ("global", "layer")
+CONTROLS = ("random", "reinit", "shuffle")
+
+
+def _field(default: Any, *, choices: Sequence[str] | None = None, minimum: float | None = None,
+           doc: str = "") -> Any:
+    """A dataclass field with validation metadata (allowed choices, inclusive minimum)."""
+    metadata = {"choices": choices, "minimum": minimum, "doc": doc}
+    if isinstance(default, list | tuple):
+        return dataclasses.field(default=tuple(default), metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Which data, how much, and how it is made.
+
+    ``teacher``: Gaussian inputs of ``input_dim`` dimensions, targets from a random teacher
+    MLP (``teacher_width``, ``teacher_depth``) plus ``noise``. ``sine``: 1-D regression of
+    sin on [-π, π] plus ``noise``. ``digits``: scikit-learn's 8×8 digits. ``mnist1d``: the
+    mnist1d generator run locally. ``npz`` / ``idx``: files given by ``path``.
+    """
+
+    name: str = _field("digits", choices=DATASETS)
+    n_train: int = _field(256, minimum=1)
+    n_test: int = _field(256, minimum=1)
+    seed: int = _field(0, minimum=0)
+    path: str = _field("", doc="file or folder for npz/idx datasets")
+    input_dim: int = _field(8, minimum=1, doc="teacher input dimension")
+    teacher_width: int = _field(64, minimum=1)
+    teacher_depth: int = _field(2, minimum=1)
+    noise: float = _field(0.0, minimum=0.0, doc="std of Gaussian label noise (teacher, sine)")
+    standardize: bool = _field(True, doc="standardize inputs with training statistics")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """One stax architecture at several widths (hidden units, or channels for CNNs)."""
+
+    arch: str = _field("mlp", choices=ARCHS)
+    depth: int = _field(2, minimum=1, doc="hidden layers (blocks for resmlp)")
+    widths: tuple[int, ...] = _field((64, 256, 1024))
+    activation: str = _field("relu", choices=ACTIVATIONS)
+    parameterization: str = _field("ntk", choices=PARAMETERIZATIONS)
+    w_std: float = _field(math.sqrt(2.0), minimum=0.0)
+    b_std: float = _field(0.05, minimum=0.0)
+    kernel_size: int = _field(3, minimum=1, doc="CNN filter size")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """The optimizer, loss and steps shared by the exact and linear paths."""
+
+    optimizer: str = _field("sgd", choices=OPTIMIZERS)
+    learning_rate: float = _field(0.5, minimum=0.0)
+    momentum: float = _field(0.9, minimum=0.0, doc="for the momentum optimizer")
+    schedule: str = _field("constant", choices=SCHEDULES)
+    steps: int = _field(1000, minimum=1)
+    batch_size: int = _field(0, minimum=0, doc="0 = full batch")
+    loss: str = _field("mse", choices=LOSSES)
+    seeds: tuple[int, ...] = _field((0, 1))
+    x64: bool = _field(False, doc="float64 everywhere (also set by JAX_ENABLE_X64)")
+    log_points: int = _field(20, minimum=2, doc="log-spaced steps at which metrics are recorded")
+
+
+@dataclasses.dataclass(frozen=True)
+class TicketsConfig:
+    """How subnetwork masks are found, controlled and perturbed (SCIENCE.md)."""
+
+    method: str = _field("imp", choices=TICKET_METHODS)
+    rounds: int = _field(5, minimum=0)
+    prune_fraction: float = _field(0.2, minimum=0.0)
+    rewind_step: int = _field(0, minimum=0)
+    scope: str = _field("global", choices=TICKET_SCOPES)
+    search_path: str = _field("exact", choices=("exact", "linear"))
+    controls: tuple[str, ...] = _field(("random", "reinit"))
+    prune_biases: bool = _field(False)
+    output_prune_fraction: float = _field(-1.0, doc="rate for the output layer; -1 = same")
+    perturb_eps: tuple[float, ...] = _field(())
+    perturb_trainable: bool = _field(False)
+
+
+@dataclasses.dataclass(frozen=True)
+class StudyConfig:
+    """A whole study: data, model, training, optional tickets, and what to run and record."""
+
+    name: str = _field("study")
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    tickets: TicketsConfig | None = None
+    paths: tuple[str, ...] = _field(PATHS)
+    metrics: tuple[str, ...] = _field(METRICS)
+    probe_size: int = _field(32, minimum=1, doc="inputs on which NTKs are compared")
+
+    def __post_init__(self):
+        _check_subset("paths", self.paths, PATHS)
+        _check_subset("metrics", self.metrics, METRICS)
+        _check_positive_list("model.widths", self.model.widths)
+        _check_nonempty("train.seeds", self.train.seeds)
+        if self.data.name in ("npz", "idx") and not self.data.path:
+            raise UserInputError(
+                f"data.path is required for data.name = {self.data.name!r}: "
+                "set it to the dataset file or folder"
+            )
+        if self.tickets is not None:
+            _check_subset("tickets.controls", self.tickets.controls, CONTROLS)
+            if not 0.0 <= self.tickets.prune_fraction < 1.0:
+                raise UserInputError(
+                    f"tickets.prune_fraction must be in [0, 1), got {self.tickets.prune_fraction}"
+                )
+            if self.tickets.rewind_step > self.train.steps:
+                raise UserInputError(
+                    f"tickets.rewind_step ({self.tickets.rewind_step}) is after the last "
+                    f"training step (train.steps = {self.train.steps})"
+                )
+        if self.train.loss == "xent" and self.data.name in ("teacher", "sine"):
+            raise UserInputError(
+                f"train.loss = 'xent' needs a classification dataset, but data.name = "
+                f"{self.data.name!r} is regression: use train.loss = 'mse'"
+            )
+
+
+def _check_subset(field: str, values: Sequence[str], allowed: Sequence[str]) -> None:
+    for v in values:
+        if v not in allowed:
+            raise UserInputError(
+                f"{field} has unknown value {v!r}; allowed: {', '.join(map(repr, allowed))}"
+            )
+    if len(set(values)) != len(values):
+        raise UserInputError(f"{field} lists a value twice: {list(values)}")
+
+
+def _check_nonempty(field: str, values: Sequence[Any]) -> None:
+    if not values:
+        raise UserInputError(f"{field} must not be empty")
+
+
+def _check_positive_list(field: str, values: Sequence[int]) -> None:
+    _check_nonempty(field, values)
+    if any(v < 1 for v in values):
+        raise UserInputError(f"{field} must contain positive integers, got {list(values)}")
+
+
+_SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig,
+             "tickets": TicketsConfig}
+
+
+def _type_name(tp: Any) -> str:
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}[tp]
+
+
+def _coerce(field: str, tp: Any, value: Any) -> Any:
+    """Checks ``value`` against the annotation ``tp``; returns it in canonical form."""
+    origin = typing.get_origin(tp)
+    if origin is tuple:
+        (item_tp, _) = typing.get_args(tp)
+        if not isinstance(value, list | tuple):
+            raise UserInputError(
+                f"{field} must be a list of values like [1, 2], got {value!r}"
+            )
+        return tuple(_coerce(f"{field}[{i}]", item_tp, v) for i, v in enumerate(value))
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if (tp is int and isinstance(value, bool)) or not isinstance(value, tp):
+        raise UserInputError(f"{field} must be {_type_name(tp)}, got {value!r}")
+    return value
+
+
+def _build_section(cls: type, values: Mapping[str, Any], prefix: str) -> Any:
+    if not isinstance(values, Mapping):
+        raise UserInputError(f"[{prefix}] must be a table of keys, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        name = f"{prefix}.{key}" if prefix else key
+        if key not in fields:
+            raise UserInputError(
+                f"unknown config key {name!r}; known keys{' in [' + prefix + ']' if prefix else ''}"
+                f": {', '.join(fields)}"
+            )
+        tp = hints[key]
+        if dataclasses.is_dataclass(_strip_optional(tp)):
+            kwargs[key] = _build_section(_strip_optional(tp), value, name)
+            continue
+        value = _coerce(name, tp, value)
+        meta = fields[key].metadata
+        if meta.get("choices") and value not in meta["choices"]:
+            raise UserInputError(
+                f"{name} = {value!r} is not allowed; choose one of "
+                f"{', '.join(map(repr, meta['choices']))}"
+            )
+        if meta.get("minimum") is not None and value < meta["minimum"]:
+            raise UserInputError(f"{name} must be >= {meta['minimum']}, got {value!r}")
+        kwargs[key] = value
+    return cls(**kwargs)
+
+
+def _strip_optional(tp: Any) -> Any:
+    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return args[0]
+    return tp
+
+
+def config_from_dict(values: Mapping[str, Any]) -> StudyConfig:
+    """Builds a validated :class:`StudyConfig` from nested plain values (TOML or JSON).
+
+    Raises:
+      UserInputError: naming the first bad field and what is allowed.
+    """
+    return _build_section(StudyConfig, values, "")
+
+
+def config_to_dict(cfg: StudyConfig) -> dict[str, Any]:
+    """The config as nested plain values (lists, not tuples); ``tickets`` omitted if None."""
+    out = dataclasses.asdict(cfg)
+    if out["tickets"] is None:
+        del out["tickets"]
+    return json.loads(json.dumps(out))
+
+
+def config_hash(cfg: StudyConfig) -> str:
+    """A stable 12-hex-digit identity of the config (SHA-256 of its canonical JSON)."""
+    canonical = json.dumps(config_to_dict(cfg), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:12]
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Parses ``dotted.key=value`` with a TOML value; a bare word is taken as a string.
+
+    >>> parse_override("model.widths=[64, 256]")
+    (['model', 'widths'], [64, 256])
+    >>> parse_override("data.name=digits")
+    (['data', 'name'], 'digits')
+    """
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise UserInputError(
+            f"--set {text!r} is not of the form dotted.key=value (e.g. train.steps=200)"
+        )
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()
+    return key.split("."), value
+
+
+def apply_overrides(values: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """Returns a copy of nested ``values`` with each ``dotted.key=value`` override applied."""
+    out = json.loads(json.dumps(values))
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = out
+        for i, k in enumerate(keys[:-1]):
+            child = node.setdefault(k, {})
+            if not isinstance(child, dict):
+                raise UserInputError(
+                    f"--set {text!r}: {'.'.join(keys[: i + 1])} is a value, not a section"
+                )
+            node = child
+        node[keys[-1]] = value
+    return out
+
+
+def load_config_dict(path: str | Path) -> dict[str, Any]:
+    """Reads a TOML file into nested plain values, with a clear error for a bad file."""
+    path = Path(path)
+    try:
+        with path.open("rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError as e:
+        raise UserInputError(f"config file {str(path)!r} does not exist") from e
+    except IsADirectoryError as e:
+        raise UserInputError(f"config file {str(path)!r} is a folder, not a TOML file") from e
+    except tomllib.TOMLDecodeError as e:
+        raise UserInputError(f"config file {str(path)!r} is not valid TOML: {e}") from e
+
+
+def load_config(path: str | Path, overrides: Sequence[str] = ()) -> StudyConfig:
+    """Loads a TOML study config and applies ``--set``-style overrides.
+
+    Args:
+      path: a TOML file.
+      overrides: strings ``dotted.key=value`` with TOML values, applied in order.
+
+    Returns:
+      The validated :class:`StudyConfig`.
+
+    Raises:
+      UserInputError: for a missing or malformed file, or any bad field.
+    """
+    return config_from_dict(apply_overrides(load_config_dict(path), overrides))
+
+
+def with_overrides(cfg: StudyConfig, overrides: Sequence[str]) -> StudyConfig:
+    """Returns ``cfg`` with ``dotted.key=value`` overrides applied and re-validated."""
+    return config_from_dict(apply_overrides(config_to_dict(cfg), overrides))

@@ -1,0 +1,45 @@
+"""The command line: the smoke command, config validation, and exit 2 on bad input."""
+
+import subprocess
+import sys
+
+import pytest
+
+from ntk_tickets.cli import main
+
+
+def test_info_computes_an_analytic_ntk_end_to_end(capsys):
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "neural-tangents: 0.6.5" in out
+    accuracy = float(out.split("test accuracy ")[1].split()[0])
+    assert accuracy > 0.7  # kernel regression on 100 digits; chance is 0.1
+
+
+def test_config_prints_the_resolved_config_and_hash(tmp_path, capsys):
+    path = tmp_path / "s.toml"
+    path.write_text("[train]\nsteps = 5\n")
+    assert main(["config", str(path), "--set", "model.widths=[4]"]) == 0
+    out = capsys.readouterr().out
+    assert '"steps": 5' in out and "config hash: " in out
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["config", "missing.toml"], "missing.toml' does not exist"),
+    (["config", "{toml}", "--set", "train.steps=x"], "train.steps must be an integer"),
+    (["config", "{toml}", "--set", "bogus.key=1"], "unknown config key 'bogus'"),
+])
+def test_bad_input_exits_2_with_one_line(tmp_path, capsys, args, fragment):
+    path = tmp_path / "s.toml"
+    path.write_text("name = 'x'\n")
+    assert main([a.format(toml=path) for a in args]) == 2
+    err = capsys.readouterr().err
+    assert fragment in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_python_dash_m_entry_point():
+    out = subprocess.run([sys.executable, "-m", "ntk_tickets", "config", "nowhere.toml"],
+                         capture_output=True, text=True)
+    assert out.returncode == 2
+    assert out.stderr.startswith("ntk-tickets: error: config file 'nowhere.toml'")
