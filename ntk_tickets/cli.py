@@ -7,6 +7,11 @@ Commands available now:
   whole stack).
 * ``ntk-tickets config FILE.toml [--set dotted.key=value ...]`` — validate a study config
   and print it resolved, with its hash.
+* ``ntk-tickets list`` — the presets, one line each.
+* ``ntk-tickets run PRESET_OR_CONFIG [--set ...] [--out DIR] [--force]`` — run a paired
+  width study into ``DIR`` (default ``results/<name>``), resuming where it stopped.
+* ``ntk-tickets demo [--out DIR] [--force]`` — the ``demo`` preset into ``results/demo``,
+  then a per-width summary table.
 
 Exit status: 0 on success, 2 with one line on stderr for a user mistake (a bad field,
 file or value); never a traceback for those.
@@ -20,6 +25,7 @@ import platform
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 from ntk_tickets.errors import UserInputError
 
@@ -65,6 +71,37 @@ def _cmd_config(args: argparse.Namespace) -> None:
     print(f"config hash: {config_hash(cfg)}")
 
 
+def _cmd_list(args: argparse.Namespace) -> None:
+    from ntk_tickets.study import preset_description, preset_names
+
+    for name in preset_names():
+        print(f"{name:<24} {preset_description(name)}")
+
+
+def _run(spec: str, overrides: Sequence[str], out: str | None, force: bool) -> Path:
+    from ntk_tickets.results import load_records
+    from ntk_tickets.study import resolve_config, run_study, width_table
+
+    cfg = resolve_config(spec, overrides)
+    out_dir = Path(out) if out else Path("results") / cfg.name
+    report = run_study(cfg, out_dir, force=force)
+    print(width_table(load_records(out_dir)))
+    print(f"results: {out_dir}/records.parquet, manifest: {out_dir}/manifest.json "
+          f"({len(report.computed)} cells computed, {len(report.skipped)} already done)")
+    for cell, steps in report.diverged.items():
+        print(f"warning: cell {cell} diverged (first bad step by path and seed: {steps}); "
+              "lower train.learning_rate", file=sys.stderr)
+    return out_dir
+
+
+def _cmd_run(args: argparse.Namespace) -> None:
+    _run(args.config, args.set, args.out, args.force)
+
+
+def _cmd_demo(args: argparse.Namespace) -> None:
+    _run("demo", [], args.out, args.force)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ntk-tickets",
@@ -79,6 +116,19 @@ def _parser() -> argparse.ArgumentParser:
     config.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config field, e.g. --set train.steps=200")
     config.set_defaults(run=_cmd_config)
+    commands.add_parser("list", help="the presets, one line each").set_defaults(run=_cmd_list)
+    run = commands.add_parser("run", help="run a study from a preset or a TOML config")
+    run.add_argument("config", metavar="PRESET_OR_CONFIG")
+    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a config field, e.g. --set model.widths=[64,256]")
+    demo = commands.add_parser("demo", help="a one-minute paired width study on digits")
+    for sub in (run, demo):
+        sub.add_argument("--out", metavar="DIR", help="results directory "
+                         "(default results/<name>)")
+        sub.add_argument("--force", action="store_true",
+                         help="recompute, discarding earlier results in DIR")
+    run.set_defaults(run=_cmd_run)
+    demo.set_defaults(run=_cmd_demo)
     return parser
 
 

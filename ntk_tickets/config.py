@@ -34,7 +34,7 @@ PARAMETERIZATIONS = ("ntk", "standard")
 OPTIMIZERS = ("sgd", "momentum", "adam")
 SCHEDULES = ("constant", "cosine", "warmup_cosine")
 LOSSES = ("mse", "xent")
-PATHS = ("exact", "linear", "ntk", "nngp")
+PATHS = ("exact", "linear", "entk", "ntk", "nngp")
 METRICS = (
     "loss",
     "accuracy",
@@ -160,6 +160,11 @@ class StudyConfig:
                     f"tickets.rewind_step ({self.tickets.rewind_step}) is after the last "
                     f"training step (train.steps = {self.train.steps})"
                 )
+        if self.train.batch_size > self.data.n_train:
+            raise UserInputError(
+                f"train.batch_size ({self.train.batch_size}) exceeds data.n_train "
+                f"({self.data.n_train}): lower it, or use 0 for full batch"
+            )
         if self.train.loss == "xent" and self.data.name in ("teacher", "sine"):
             raise UserInputError(
                 f"train.loss = 'xent' needs a classification dataset, but data.name = "

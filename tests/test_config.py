@@ -78,13 +78,14 @@ def test_override_can_add_a_missing_section():
     ("model.widths=[64, 0]", "model.widths must contain positive integers"),
     ("train.seeds=[]", "train.seeds must not be empty"),
     ("train.steps=0", "train.steps must be >= 1"),
-    ("paths=['exact', 'lin']", "paths has unknown value 'lin'"),
+    ("paths=['exact', 'lin']", "paths has unknown value 'lin'; allowed: 'exact', 'linear', 'entk'"),
     ("metrics=['loss', 'loss']", "metrics lists a value twice"),
     ("tickets.controls=['random', 'clone']", "tickets.controls has unknown value 'clone'"),
     ("tickets.prune_fraction=1.0", "tickets.prune_fraction must be in [0, 1)"),
     ("tickets.rewind_step=100", "tickets.rewind_step (100) is after the last training step"),
     ("data.name=npz", "data.path is required"),
     ("train.loss=xent", "needs a classification dataset"),
+    ("train.batch_size=100", "train.batch_size (100) exceeds data.n_train (64)"),
     ("train.steps.max=3", "train.steps is a value, not a section"),
     ("steps", "is not of the form dotted.key=value"),
     ("data=3", "[data] must be a table"),
@@ -114,7 +115,7 @@ def test_round_trip_through_json_is_identity(study_file):
 
 def test_hash_is_stable_and_sensitive():
     # Pinned: a change here means every stored run identity changes. Update deliberately.
-    assert config_hash(StudyConfig()) == "114c2688b4f2"
+    assert config_hash(StudyConfig()) == "2709cfcd51b0"
     assert config_hash(with_overrides(StudyConfig(), ["train.steps=999"])) != config_hash(
         StudyConfig())
 
