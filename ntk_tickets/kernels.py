@@ -76,6 +76,12 @@ def _jitted_ntk_fn(apply_fn: Callable, trace: bool, implementation: str) -> Call
     return jax.jit(ntk_fn)
 
 
+@functools.lru_cache(maxsize=64)
+def _jitted_apply_fn(apply_fn: Callable) -> Callable:
+    """``jit(apply_fn)(params, x)``, one per model."""
+    return jax.jit(apply_fn)
+
+
 def _largest_block(n1: int, n2: int, fits: Callable[[int, int], bool]) -> int:
     """The largest b ≥ 1 with ``fits(min(b, n1), min(b, n2))``, or 0 if none (bisection)."""
     lo, hi = 0, max(n1, n2)
@@ -110,7 +116,7 @@ def _blocked_ntk(ntk_fn: Callable, params: PyTree, x1: jax.Array, x2: jax.Array,
 
 def empirical_ntk(apply_fn: Callable, params: PyTree, x1: jax.Array,
                   x2: jax.Array | None = None, *, trace: bool = True,
-                  implementation: str = "jacobian_contraction",
+                  implementation: str = "ntk_vector_products",
                   max_bytes: int = 2**31) -> jax.Array:
     """The empirical NTK Θ̂(x1, x2) = J(θ, x1) J(θ, x2)ᵀ at ``params``.
 
@@ -232,7 +238,8 @@ def empirical_ntk_predictions(apply_fn: Callable, params0: PyTree, x_train: jax.
     ntk = functools.partial(empirical_ntk, apply_fn, params0, trace=False, max_bytes=max_bytes)
     predict_fn = nt.predict.gradient_descent_mse(ntk(x_train), y_train,
                                                  learning_rate=learning_rate, trace_axes=())
-    return predict_fn(jnp.asarray(steps), apply_fn(params0, x_train), apply_fn(params0, x_test),
+    apply = _jitted_apply_fn(apply_fn)
+    return predict_fn(jnp.asarray(steps), apply(params0, x_train), apply(params0, x_test),
                       ntk(x_test, x_train))
 
 

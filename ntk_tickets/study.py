@@ -132,15 +132,17 @@ def run_study(cfg: StudyConfig, out_dir: str | Path, *, force: bool = False,
 
 
 def width_table(records) -> str:
-    """A per-width text table of the final step: test accuracy of each path, function gap
-    against exact, and the exact path's relative weight change (means over seeds)."""
+    """A per-width text table of the final step (means over seeds): test accuracy of each
+    path (test loss for regression), function gap against exact, and the exact path's
+    relative weight change."""
     final = records[records["step"] == records.groupby("width")["step"].transform("max")]
     final = final[final["mask"] == "dense"] if "mask" in final else final
     columns = {}
+    score = "accuracy" if (final.metric == "accuracy").any() else "loss"
     for path in ("exact", "linear", "entk", "ntk", "nngp"):
-        acc = final[(final.path == path) & (final.metric == "accuracy") & (final.split == "test")]
-        if len(acc):
-            columns[f"acc:{path}"] = acc.groupby("width")["value"].mean()
+        rows = final[(final.path == path) & (final.metric == score) & (final.split == "test")]
+        if len(rows):
+            columns[f"{score[:4]}:{path}"] = rows.groupby("width")["value"].mean()
     for path in ("linear", "entk", "ntk", "nngp"):
         gap = final[(final.path == path) & (final.metric == "function_gap")]
         if len(gap):

@@ -4,6 +4,8 @@ References: J Jᵀ from ``jax.jacrev``; discrete gradient descent on the lineari
 (``ntk_tickets.linear``); kernel regression with a dense linear solve.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -24,6 +26,7 @@ from ntk_tickets.linear import linearize
 from ntk_tickets.models import build_model, parameter_count
 
 
+@functools.partial(jax.jit, static_argnums=0)
 def _jacobian_ntk(apply_fn, params, x1, x2):
     """J(x1) J(x2)ᵀ from ``jax.jacrev``, shape (n1, n2, k, k)."""
 
@@ -35,6 +38,7 @@ def _jacobian_ntk(apply_fn, params, x1, x2):
     return jnp.einsum("ikp,jlp->ijkl", flat_jacobian(x1), flat_jacobian(x2))
 
 
+@functools.cache  # one apply_fn per architecture, so compiled functions are reused
 def _small_mlp(width=12, n_out=3, depth=2, activation="erf", input_dim=5):
     return build_model(ModelConfig(arch="mlp", depth=depth, activation=activation), width,
                        (input_dim,), n_out)
