@@ -23,34 +23,82 @@ from ntk_tickets.config import (
 )
 from ntk_tickets.data import Dataset, load_dataset
 from ntk_tickets.errors import UserInputError
+from ntk_tickets.experiments import CellResult, run_paired_width
+from ntk_tickets.kernels import (
+    empirical_ntk,
+    empirical_ntk_predictions,
+    infinite_width_predictions,
+    ntk_change,
+    ntk_init_error,
+)
 from ntk_tickets.linear import linearize
 from ntk_tickets.models import Model, build_model, layer_params, parameter_count
+from ntk_tickets.results import (
+    RECORD_COLUMNS,
+    ResultsStore,
+    environment_info,
+    load_manifest,
+    load_records,
+    records_frame,
+)
+from ntk_tickets.study import preset_names, resolve_config, run_study, width_table
+from ntk_tickets.training import (
+    Trajectory,
+    batch_order,
+    log_spaced_steps,
+    make_optimizer,
+    make_train_fn,
+    run_training,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "NT_VERSION",
-    "DataConfig",
-    "Dataset",
-    "Model",
-    "ModelConfig",
-    "StudyConfig",
-    "TicketsConfig",
-    "TrainConfig",
-    "UserInputError",
+    "RECORD_COLUMNS",
     "apply_overrides",
+    "batch_order",
     "build_model",
+    "CellResult",
     "check_ntk_implementation",
     "config_from_dict",
     "config_hash",
     "config_to_dict",
+    "DataConfig",
+    "Dataset",
+    "empirical_ntk",
+    "empirical_ntk_predictions",
+    "environment_info",
+    "infinite_width_predictions",
     "layer_params",
     "linearize",
     "load_config",
     "load_dataset",
+    "load_manifest",
+    "load_records",
+    "log_spaced_steps",
+    "make_optimizer",
+    "make_train_fn",
+    "Model",
+    "ModelConfig",
     "nt",
+    "ntk_change",
+    "ntk_init_error",
     "parameter_count",
     "parse_override",
+    "preset_names",
+    "records_frame",
+    "resolve_config",
+    "ResultsStore",
+    "run_paired_width",
+    "run_study",
+    "run_training",
     "stax",
+    "StudyConfig",
+    "TicketsConfig",
+    "TrainConfig",
+    "Trajectory",
+    "UserInputError",
+    "width_table",
     "with_overrides",
 ]

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
 from collections.abc import Sequence
@@ -30,27 +29,12 @@ from pathlib import Path
 from ntk_tickets.errors import UserInputError
 
 
-def _versions() -> dict[str, str]:
-    import importlib.metadata
-
-    import jax
-
-    out = {"python": platform.python_version()}
-    for dist in ("jax", "jaxlib", "neural-tangents", "optax", "numpy", "ntk-tickets"):
-        try:
-            out[dist] = importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            out[dist] = "not installed"
-    out["device"] = str(jax.devices()[0])
-    return out
-
-
 def _cmd_info(args: argparse.Namespace) -> None:
     import jax.numpy as jnp
 
-    from ntk_tickets import DataConfig, ModelConfig, build_model, load_dataset, nt
+    from ntk_tickets import DataConfig, ModelConfig, build_model, environment_info, load_dataset, nt
 
-    for name, version in _versions().items():
+    for name, version in environment_info(x64=False).items():
         print(f"{name:>16}: {version}")
     start = time.perf_counter()
     data = load_dataset(DataConfig(name="digits", n_train=100, n_test=100, seed=0))

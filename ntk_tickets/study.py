@@ -139,10 +139,11 @@ def width_table(records) -> str:
     final = final[final["mask"] == "dense"] if "mask" in final else final
     columns = {}
     score = "accuracy" if (final.metric == "accuracy").any() else "loss"
+    label = "acc" if score == "accuracy" else "loss"
     for path in ("exact", "linear", "entk", "ntk", "nngp"):
         rows = final[(final.path == path) & (final.metric == score) & (final.split == "test")]
         if len(rows):
-            columns[f"{score[:4]}:{path}"] = rows.groupby("width")["value"].mean()
+            columns[f"{label}:{path}"] = rows.groupby("width")["value"].mean()
     for path in ("linear", "entk", "ntk", "nngp"):
         gap = final[(final.path == path) & (final.metric == "function_gap")]
         if len(gap):

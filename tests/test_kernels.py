@@ -160,8 +160,10 @@ def test_empirical_ntk_predictions_match_gradient_descent_on_the_linear_model(x6
     e^{−as}; their gap is ≈ s·a²·e^{−as}/2, first order in η at fixed ηs. Width-32 ReLU MLP,
     8 points, 3 outputs (full kernel, so output couplings matter), η = 0.25, up to 1600
     steps (the train loss falls from ~1 to ~1e-2 in float32, ~1e-7 in float64). Measured
-    largest absolute gap: 1.5e-3 (float64), 2.6e-3 (float32), against outputs that move by
-    O(1); halving η halves it (see the next test). Tolerance 6e-3.
+    largest absolute gap over steps 0, 100, 400, 1600: 2.4e-3 (float64), 4.5e-3 (float32,
+    whose random draws differ), against outputs that move by O(1); halving η halves it (next
+    test). Tolerance 1e-2, while the traced kernel in place of the full one gives gaps of
+    0.28–1.7 and a time scale 10 % off gives 0.04–0.2.
     """
     model, x_train, y_train, x_test = _regression()
     theta0 = model.init(jax.random.PRNGKey(0))
@@ -174,15 +176,15 @@ def test_empirical_ntk_predictions_match_gradient_descent_on_the_linear_model(x6
     np.testing.assert_allclose(f_test[0], model.apply_fn(theta0, x_test), atol=atol0)
     gd_train, gd_test = _linear_gradient_descent(model.apply_fn, theta0, x_train, y_train,
                                                  x_test, eta, int(steps[-1]))
-    np.testing.assert_allclose(f_train, gd_train[steps], atol=6e-3, rtol=0)
-    np.testing.assert_allclose(f_test, gd_test[steps], atol=6e-3, rtol=0)
+    np.testing.assert_allclose(f_train, gd_train[steps], atol=1e-2, rtol=0)
+    np.testing.assert_allclose(f_test, gd_test[steps], atol=1e-2, rtol=0)
     assert float(jnp.max(jnp.abs(f_test[-1] - f_test[0]))) > 0.1  # the comparison is not idle
 
 
 def test_empirical_ntk_prediction_gap_to_gradient_descent_is_first_order_in_eta(float64):
     """At fixed ηs the GD-vs-flow gap halves when η halves: it is discretization error.
 
-    Measured ratios 2.00–2.01 (train and test); bounds 1.8–2.2.
+    Measured ratios 1.98–2.01 (train and test, η = 1 vs 0.5); bounds 1.8–2.2.
     """
     model, x_train, y_train, x_test = _regression()
     theta0 = model.init(jax.random.PRNGKey(0))
