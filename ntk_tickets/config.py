@@ -42,6 +42,7 @@ METRICS = (
     "function_gap",
     "ntk_change",
     "ntk_init_error",
+    "variance",
 )
 TICKET_METHODS = ("imp", "oneshot", "magnitude_init", "snip", "grasp", "synflow", "ntk_saliency")
 TICKET_SCOPES = ("global", "layer")

@@ -15,7 +15,8 @@ Cross-entropy has no closed forms by design: for ``train.loss = "xent"`` the ``e
 Metrics (names from DESIGN.md §4): ``loss``/``accuracy`` (train, test) for every path;
 ``function_gap`` (test RMSE against ``exact``) for the others; ``weight_change`` and
 ``weight_change/<layer>`` (relative) for exact and linear; ``ntk_change`` (probe, final
-step) for exact and linear; ``ntk_init_error`` (probe, step 0).
+step) for exact and linear; ``ntk_init_error`` (probe, step 0); ``variance`` (test, the
+infinite-width ensemble's predictive variance averaged over test points) for ntk and nngp.
 """
 
 from __future__ import annotations
@@ -161,8 +162,12 @@ def run_paired_width(cfg: StudyConfig, data: Dataset, width: int) -> CellResult:
 
     start = time.perf_counter()
     if cfg.train.loss == "mse":
-        outputs.update(_closed_form_outputs(cfg, model, params0, x_train, y_train, x_test,
-                                            steps))
+        closed, variances = _closed_form_outputs(cfg, model, params0, x_train, y_train,
+                                                 x_test, steps)
+        outputs.update(closed)
+        for path, variance in variances.items():
+            rows += _grid_rows(path, seeds, steps, "test", "variance",
+                               np.broadcast_to(variance, (len(seeds), len(steps))))
     if "ntk_init_error" in cfg.metrics:
         values = [float(kernels.ntk_init_error(model.apply_fn, model.kernel_fn,
                                                _unstack(params0, i), x_train[: cfg.probe_size]))
@@ -200,8 +205,9 @@ def _ntk_change_rows(path, seeds, step, model, params, params0, x_probe):
 
 
 def _closed_form_outputs(cfg, model, params0, x_train, y_train, x_test, steps):
-    """Outputs (s, r, n, k) of the entk, ntk and nngp paths that ``cfg.paths`` asks for."""
-    out = {}
+    """Outputs (s, r, n, k) of the entk, ntk and nngp paths that ``cfg.paths`` asks for,
+    and the infinite-width ensemble variance averaged over test points, (r,) per path."""
+    out, variances = {}, {}
     if "entk" in cfg.paths:
         per_seed = [kernels.empirical_ntk_predictions(
             model.apply_fn, _unstack(params0, i), x_train, y_train, x_test,
@@ -214,7 +220,8 @@ def _closed_form_outputs(cfg, model, params0, x_train, y_train, x_test, steps):
             get=tuple(infinite))
         n_seeds = len(cfg.train.seeds)
         for path in infinite:
-            mean_train, mean_test, _ = predictions[path]
+            mean_train, mean_test, var_test = predictions[path]
             out[path] = tuple(np.broadcast_to(np.asarray(m), (n_seeds, *m.shape))
                               for m in (mean_train, mean_test))
-    return out
+            variances[path] = np.asarray(var_test).mean(axis=-1)
+    return out, variances

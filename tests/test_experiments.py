@@ -8,7 +8,7 @@ import pytest
 from ntk_tickets import with_overrides
 from ntk_tickets.cli import main
 from ntk_tickets.results import RECORD_COLUMNS, load_manifest, load_records
-from ntk_tickets.study import resolve_config, run_study
+from ntk_tickets.study import resolve_config, run_study, x64_enabled
 
 TINY = [
     "data.name=teacher", "data.n_train=32", "data.n_test=16", "data.input_dim=4",
@@ -67,6 +67,12 @@ def test_records_schema_and_manifest(scaling_records):
     assert set(records.split) == {"train", "test", "probe", "none"}
     assert {"weight_change/dense_0", "weight_change/readout", "ntk_change"} <= set(
         records.metric)
+    variance = records[records.metric == "variance"]
+    assert set(variance.path) == {"ntk", "nngp"}
+    at_init = variance[variance.step == 0].value
+    assert (at_init > 0).all()  # the prior: the ensemble's outputs at init are random
+    final = variance[variance.step == variance.step.max()].value
+    assert (final >= -1e-6).all()
     assert not records.duplicated(["width", "seed", "path", "step", "split", "metric"]).any()
     manifest = load_manifest(out)
     assert manifest["environment"]["neural-tangents"] == "0.6.5"
@@ -74,6 +80,17 @@ def test_records_schema_and_manifest(scaling_records):
     for cell in manifest["cells"].values():
         assert cell["status"] == "done" and cell["compile_s"] > 0 and cell["run_s"] > 0
     assert manifest["config"]["model"]["widths"] == [16, 1024]
+
+
+def test_x64_flag_runs_the_study_in_float64(tmp_path, monkeypatch):
+    cfg = _cfg("model.widths=[8]", "train.seeds=[0]", "paths=['exact']", "metrics=['loss']",
+               "train.x64=true")
+    run_study(cfg, tmp_path, log=lambda line: None)
+    assert load_manifest(tmp_path)["environment"]["x64"] is True
+    monkeypatch.setenv("JAX_ENABLE_X64", "1")
+    assert x64_enabled(_cfg())
+    monkeypatch.setenv("JAX_ENABLE_X64", "0")
+    assert not x64_enabled(_cfg())
 
 
 def test_only_configured_metrics_are_recorded(tmp_path):
