@@ -53,7 +53,8 @@ class CellResult:
 def _loss(f: np.ndarray, y: np.ndarray, loss: str) -> np.ndarray:
     """Loss over the last two axes of outputs ``f`` (..., n, k); NaN-safe."""
     if loss == "mse":
-        return 0.5 * np.mean((f - y) ** 2, axis=(-2, -1))
+        with np.errstate(over="ignore", invalid="ignore"):
+            return 0.5 * np.mean((f - y) ** 2, axis=(-2, -1))
     shifted = f - f.max(axis=-1, keepdims=True)
     log_z = np.log(np.sum(np.exp(shifted), axis=-1))
     picked = np.take_along_axis(shifted, y[..., None].astype(np.int64), axis=-1)[..., 0]
@@ -66,7 +67,8 @@ def _accuracy(f: np.ndarray, y: np.ndarray) -> np.ndarray:
 
 
 def _rmse(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    return np.sqrt(np.mean((a - b) ** 2, axis=(-2, -1)))
+    with np.errstate(over="ignore", invalid="ignore"):  # diverged outputs give inf/NaN rows
+        return np.sqrt(np.mean((a - b) ** 2, axis=(-2, -1)))
 
 
 def _first_divergence(losses: np.ndarray, steps: np.ndarray) -> int | None:
