@@ -33,8 +33,14 @@ from ntk_tickets import kernels
 from ntk_tickets.config import StudyConfig
 from ntk_tickets.data import Dataset
 from ntk_tickets.linear import linearize
-from ntk_tickets.models import Model, build_model
-from ntk_tickets.training import batch_order, log_spaced_steps, make_train_fn, run_training
+from ntk_tickets.models import Model, build_model, parameter_count
+from ntk_tickets.training import (
+    LOSSES,
+    batch_order,
+    log_spaced_steps,
+    make_train_fn,
+    run_training,
+)
 
 DIVERGENCE_FACTOR = 1e3  # a loss this many times its initial value (+1) counts as diverged
 
@@ -51,14 +57,11 @@ class CellResult:
 
 
 def _loss(f: np.ndarray, y: np.ndarray, loss: str) -> np.ndarray:
-    """Loss over the last two axes of outputs ``f`` (..., n, k); NaN-safe."""
-    if loss == "mse":
-        with np.errstate(over="ignore", invalid="ignore"):
-            return 0.5 * np.mean((f - y) ** 2, axis=(-2, -1))
-    shifted = f - f.max(axis=-1, keepdims=True)
-    log_z = np.log(np.sum(np.exp(shifted), axis=-1))
-    picked = np.take_along_axis(shifted, y[..., None].astype(np.int64), axis=-1)[..., 0]
-    return np.mean(log_z - picked, axis=-1)
+    """The training loss of outputs ``f`` (..., n, k) against targets ``y``, per leading index."""
+    loss_fn = LOSSES[loss]
+    for _ in range(f.ndim - 2):
+        loss_fn = jax.vmap(loss_fn, in_axes=(0, None))
+    return np.asarray(loss_fn(jnp.asarray(f), jnp.asarray(y)))
 
 
 def _accuracy(f: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -171,12 +174,10 @@ def run_paired_width(cfg: StudyConfig, data: Dataset, width: int) -> CellResult:
             rows += _grid_rows(path, seeds, steps, "test", "variance",
                                np.broadcast_to(variance, (len(seeds), len(steps))))
     if "ntk_init_error" in cfg.metrics:
-        values = [float(kernels.ntk_init_error(model.apply_fn, model.kernel_fn,
-                                               _unstack(params0, i), x_train[: cfg.probe_size]))
+        values = [[kernels.ntk_init_error(model.apply_fn, model.kernel_fn,
+                                          _unstack(params0, i), x_train[: cfg.probe_size])]
                   for i in range(len(seeds))]
-        rows += [{"seed": int(s), "path": "exact", "step": 0, "split": "probe",
-                  "metric": "ntk_init_error", "value": v} for s, v in zip(seeds, values,
-                                                                           strict=True)]
+        rows += _grid_rows("exact", seeds, [0], "probe", "ntk_init_error", np.asarray(values))
     run_total += time.perf_counter() - start
 
     f_test_exact = outputs["exact"][1] if "exact" in outputs else None
@@ -187,7 +188,7 @@ def run_paired_width(cfg: StudyConfig, data: Dataset, width: int) -> CellResult:
     for row in rows:
         row["width"] = width
     diverged = any(v for per_seed in info["diverged_step"].values() for v in per_seed.values())
-    info["n_params"] = int(sum(leaf[0].size for leaf in jax.tree_util.tree_leaves(params0)))
+    info["n_params"] = parameter_count(_unstack(params0, 0))
     return CellResult(rows, "diverged" if diverged else "done", compile_total, run_total, info)
 
 
@@ -197,13 +198,9 @@ def _divergence_by_seed(seeds, steps, f_train, y_train, loss) -> dict[str, int |
 
 
 def _ntk_change_rows(path, seeds, step, model, params, params0, x_probe):
-    return [
-        {"seed": int(s), "path": path, "step": int(step), "split": "probe",
-         "metric": "ntk_change",
-         "value": float(kernels.ntk_change(model.apply_fn, _unstack(params, i),
-                                           _unstack(params0, i), x_probe))}
-        for i, s in enumerate(seeds)
-    ]
+    values = [[kernels.ntk_change(model.apply_fn, _unstack(params, i), _unstack(params0, i),
+                                  x_probe)] for i in range(len(seeds))]
+    return _grid_rows(path, seeds, [step], "probe", "ntk_change", np.asarray(values))
 
 
 def _closed_form_outputs(cfg, model, params0, x_train, y_train, x_test, steps):

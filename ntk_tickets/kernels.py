@@ -43,6 +43,7 @@ import jax.numpy as jnp
 
 from ntk_tickets._nt import check_ntk_implementation, nt
 from ntk_tickets.errors import UserInputError
+from ntk_tickets.models import parameter_count
 
 PyTree = Any
 
@@ -140,7 +141,7 @@ def empirical_ntk(apply_fn: Callable, params: PyTree, x1: jax.Array,
     """
     out = jax.eval_shape(apply_fn, params, x1[:1])
     n_out, itemsize = math.prod(out.shape[1:]), out.dtype.itemsize
-    n_params = sum(math.prod(leaf.shape) for leaf in jax.tree_util.tree_leaves(params))
+    n_params = parameter_count(params)
     n2 = x1.shape[0] if x2 is None else x2.shape[0]
     ntk_fn = _jitted_ntk_fn(apply_fn, trace, implementation)
 

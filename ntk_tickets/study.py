@@ -20,8 +20,6 @@ import jax
 
 from ntk_tickets.config import (
     StudyConfig,
-    apply_overrides,
-    config_from_dict,
     config_hash,
     config_to_dict,
     load_config,
@@ -58,10 +56,8 @@ def resolve_config(spec: str, overrides: Sequence[str] = ()) -> StudyConfig:
       UserInputError: if ``spec`` is neither a preset nor an existing file, or a field is bad.
     """
     if spec in preset_names():
-        import tomllib
-
-        values = tomllib.loads(_preset_path(spec).read_text())
-        return config_from_dict(apply_overrides(values, overrides))
+        with importlib.resources.as_file(_preset_path(spec)) as path:
+            return load_config(path, overrides)
     if spec.endswith(".toml") or os.path.exists(spec):
         return load_config(spec, overrides)
     raise UserInputError(

@@ -93,6 +93,20 @@ def test_x64_flag_runs_the_study_in_float64(tmp_path, monkeypatch):
     assert not x64_enabled(_cfg())
 
 
+def test_cross_entropy_study_skips_closed_forms_and_learns(tmp_path):
+    cfg = resolve_config("demo", [
+        "data.n_train=100", "data.n_test=100", "model.widths=[64]", "train.seeds=[0]",
+        "train.loss=xent", "train.learning_rate=2.0", "train.steps=100", "probe_size=4"])
+    run_study(cfg, tmp_path, log=lambda line: None)
+    records = load_records(tmp_path)
+    assert set(records.path) == {"exact", "linear"}
+    loss = _final(records[records.split == "train"], "exact", "loss")
+    first = records[(records.path == "exact") & (records.metric == "loss")
+                    & (records.split == "train") & (records.step == 0)].value
+    assert float(loss.iloc[0]) < 0.5 * float(first.iloc[0])
+    assert float(_final(records[records.split == "test"], "linear", "accuracy").iloc[0]) > 0.6
+
+
 def test_only_configured_metrics_are_recorded(tmp_path):
     cfg = _cfg("model.widths=[8]", "train.seeds=[0]", "metrics=['loss']",
                "paths=['exact', 'linear']")
