@@ -43,12 +43,12 @@ from ntk_tickets.results import (
 )
 from ntk_tickets.study import preset_names, resolve_config, run_study, width_table
 from ntk_tickets.training import (
+    TrainingProgram,
     Trajectory,
     batch_order,
     log_spaced_steps,
     make_optimizer,
     make_train_fn,
-    run_training,
 )
 
 __version__ = "0.1.0"
@@ -92,11 +92,11 @@ __all__ = [
     "ResultsStore",
     "run_paired_width",
     "run_study",
-    "run_training",
     "stax",
     "StudyConfig",
     "TicketsConfig",
     "TrainConfig",
+    "TrainingProgram",
     "Trajectory",
     "UserInputError",
     "width_table",

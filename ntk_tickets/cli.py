@@ -64,12 +64,15 @@ def _cmd_list(args: argparse.Namespace) -> None:
 
 def _run(spec: str, overrides: Sequence[str], out: str | None, force: bool) -> Path:
     from ntk_tickets.results import load_records
-    from ntk_tickets.study import resolve_config, run_study, width_table
+    from ntk_tickets.study import resolve_config, run_study, ticket_table, width_table
 
     cfg = resolve_config(spec, overrides)
     out_dir = Path(out) if out else Path("results") / cfg.name
     report = run_study(cfg, out_dir, force=force)
-    print(width_table(load_records(out_dir)))
+    records = load_records(out_dir)
+    print(width_table(records))
+    if cfg.tickets is not None:
+        print(ticket_table(records))
     print(f"results: {out_dir}/records.parquet, manifest: {out_dir}/manifest.json "
           f"({len(report.computed)} cells computed, {len(report.skipped)} already done)")
     for cell, steps in report.diverged.items():
@@ -83,7 +86,9 @@ def _cmd_run(args: argparse.Namespace) -> None:
 
 
 def _cmd_demo(args: argparse.Namespace) -> None:
-    _run("demo", [], args.out, args.force)
+    out = Path(args.out or "results/demo")
+    _run("demo", [], str(out / "paired"), args.force)
+    _run("demo-tickets", [], str(out / "tickets"), args.force)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -105,10 +110,11 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("config", metavar="PRESET_OR_CONFIG")
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                      help="override a config field, e.g. --set model.widths=[64,256]")
-    demo = commands.add_parser("demo", help="a one-minute paired width study on digits")
+    demo = commands.add_parser("demo", help="a one-minute paired width study and ticket "
+                                            "comparison on digits")
     for sub in (run, demo):
-        sub.add_argument("--out", metavar="DIR", help="results directory "
-                         "(default results/<name>)")
+        sub.add_argument("--out", metavar="DIR", help="results directory (default "
+                         "results/<name>; demo: DIR/paired and DIR/tickets under results/demo)")
         sub.add_argument("--force", action="store_true",
                          help="recompute, discarding earlier results in DIR")
     run.set_defaults(run=_cmd_run)

@@ -47,6 +47,7 @@ METRICS = (
 TICKET_METHODS = ("imp", "oneshot", "magnitude_init", "snip", "grasp", "synflow", "ntk_saliency")
 TICKET_SCOPES = ("global", "layer")
 CONTROLS = ("random", "reinit", "shuffle")
+SEARCH_PATHS = ("exact", "linear", "both")
 
 
 def _field(default: Any, *, choices: Sequence[str] | None = None, minimum: float | None = None,
@@ -101,6 +102,8 @@ class TrainConfig:
     optimizer: str = _field("sgd", choices=OPTIMIZERS)
     learning_rate: float = _field(0.5, minimum=0.0)
     momentum: float = _field(0.9, minimum=0.0, doc="for the momentum optimizer")
+    weight_decay: float = _field(0.0, minimum=0.0,
+                                 doc="added to the gradient (sgd, momentum); AdamW for adam")
     schedule: str = _field("constant", choices=SCHEDULES)
     steps: int = _field(1000, minimum=1)
     batch_size: int = _field(0, minimum=0, doc="0 = full batch")
@@ -115,16 +118,21 @@ class TicketsConfig:
     """How subnetwork masks are found, controlled and perturbed (SCIENCE.md)."""
 
     method: str = _field("imp", choices=TICKET_METHODS)
-    rounds: int = _field(5, minimum=0)
-    prune_fraction: float = _field(0.2, minimum=0.0)
-    rewind_step: int = _field(0, minimum=0)
+    rounds: int = _field(5, minimum=1, doc="pruning rounds; round r keeps (1 - p)^r")
+    prune_fraction: float = _field(0.2, minimum=0.0, doc="p, removed per round")
+    rewind_step: int = _field(0, minimum=0, doc="tickets start from θ_k of the dense run")
     scope: str = _field("global", choices=TICKET_SCOPES)
-    search_path: str = _field("exact", choices=("exact", "linear"))
+    search_path: str = _field("exact", choices=SEARCH_PATHS,
+                              doc="path whose training drives imp/oneshot; both = compare")
+    eval_paths: tuple[str, ...] = _field(("exact", "linear"),
+                                         doc="paths on which every mask is trained")
     controls: tuple[str, ...] = _field(("random", "reinit"))
     prune_biases: bool = _field(False)
     output_prune_fraction: float = _field(-1.0, doc="rate for the output layer; -1 = same")
-    perturb_eps: tuple[float, ...] = _field(())
-    perturb_trainable: bool = _field(False)
+    perturb_eps: tuple[float, ...] = _field((), doc="ε grid of the perturbation test")
+    perturb_trainable: bool = _field(False, doc="train the perturbed complement too")
+    synflow_iterations: int = _field(100, minimum=1)
+    saliency_samples: int = _field(16, minimum=1, doc="Gaussian probes for ntk_saliency")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,16 +159,7 @@ class StudyConfig:
                 "set it to the dataset file or folder"
             )
         if self.tickets is not None:
-            _check_subset("tickets.controls", self.tickets.controls, CONTROLS)
-            if not 0.0 <= self.tickets.prune_fraction < 1.0:
-                raise UserInputError(
-                    f"tickets.prune_fraction must be in [0, 1), got {self.tickets.prune_fraction}"
-                )
-            if self.tickets.rewind_step > self.train.steps:
-                raise UserInputError(
-                    f"tickets.rewind_step ({self.tickets.rewind_step}) is after the last "
-                    f"training step (train.steps = {self.train.steps})"
-                )
+            _check_tickets(self.tickets, self.paths, self.train.steps)
         if self.train.batch_size > self.data.n_train:
             raise UserInputError(
                 f"train.batch_size ({self.train.batch_size}) exceeds data.n_train "
@@ -171,6 +170,34 @@ class StudyConfig:
                 f"train.loss = 'xent' needs a classification dataset, but data.name = "
                 f"{self.data.name!r} is regression: use train.loss = 'mse'"
             )
+
+
+def _check_tickets(t: TicketsConfig, paths: Sequence[str], steps: int) -> None:
+    _check_subset("tickets.controls", t.controls, CONTROLS)
+    _check_subset("tickets.eval_paths", t.eval_paths, ("exact", "linear"))
+    _check_nonempty("tickets.eval_paths", t.eval_paths)
+    searched = ("exact", "linear") if t.search_path == "both" else (t.search_path,)
+    for path in (*t.eval_paths, *searched):
+        if path not in paths:
+            raise UserInputError(
+                f"the tickets section trains the {path!r} path, but paths = {list(paths)} "
+                f"leaves it out: add it to paths or change tickets.eval_paths / "
+                f"tickets.search_path")
+    if t.search_path != "exact" and t.method not in ("imp", "oneshot"):
+        raise UserInputError(
+            f"tickets.search_path = {t.search_path!r} applies to the imp and oneshot methods "
+            f"only; {t.method!r} scores weights at initialization: use search_path = 'exact'")
+    for field, rate in (("prune_fraction", t.prune_fraction),
+                        ("output_prune_fraction", t.output_prune_fraction)):
+        if not 0.0 <= rate < 1.0 and not (field == "output_prune_fraction" and rate == -1.0):
+            raise UserInputError(f"tickets.{field} must be in [0, 1), got {rate}")
+    if t.rewind_step > steps:
+        raise UserInputError(
+            f"tickets.rewind_step ({t.rewind_step}) is after the last training step "
+            f"(train.steps = {steps})")
+    if any(not 0.0 <= eps < float("inf") for eps in t.perturb_eps):
+        raise UserInputError(
+            f"tickets.perturb_eps must hold finite values >= 0, got {list(t.perturb_eps)}")
 
 
 def _check_subset(field: str, values: Sequence[str], allowed: Sequence[str]) -> None:

@@ -28,6 +28,7 @@ from ntk_tickets.data import load_dataset
 from ntk_tickets.errors import UserInputError
 from ntk_tickets.experiments import run_paired_width
 from ntk_tickets.results import ResultsStore, records_frame
+from ntk_tickets.tickets import run_ticket_width
 
 
 def preset_names() -> list[str]:
@@ -116,7 +117,8 @@ def run_study(cfg: StudyConfig, out_dir: str | Path, *, force: bool = False,
                     log(f"[{i + 1}/{len(widths)}] width {width}: already done, skipped")
                     continue
                 start = time.perf_counter()
-                result = run_paired_width(cfg, data, width)
+                run_cell = run_paired_width if cfg.tickets is None else run_ticket_width
+                result = run_cell(cfg, data, width)
                 store.write_cell(cid, records_frame(result.rows), result.status,
                                  result.compile_s, result.run_s, **result.info)
                 report.computed.append(cid)
@@ -150,3 +152,25 @@ def width_table(records) -> str:
     import pandas as pd
 
     return pd.DataFrame(columns).to_string(float_format=lambda v: f"{v:.4f}")
+
+
+def ticket_table(records) -> str:
+    """A text table of a ticket study at the final step (means over seeds): per width and
+    sparsity, the test accuracy (test loss for regression) of each mask on the exact path
+    (on the first trained path if exact was not run); the dense network is sparsity 0.
+
+    Returns an empty string when the records hold no ticket masks.
+    """
+    final = records[(records["step"] == records["step"].max()) & (records["split"] == "test")
+                    & (records["mask"] != "perturb")]
+    score = "accuracy" if (final.metric == "accuracy").any() else "loss"
+    final = final[final.metric == score]
+    if set(final["mask"]) <= {"dense"}:
+        return ""
+    path = "exact" if (final.path == "exact").any() else final.path.iloc[0]
+    final = final[final.path == path]
+    table = final.pivot_table(index=["width", "sparsity"], columns="mask", values="value",
+                              aggfunc="mean")
+    order = ["dense"] + sorted(c for c in table.columns if c != "dense")
+    header = f"test {score} of each mask ({path} path, mean over seeds)\n"
+    return header + table[order].to_string(float_format=lambda v: f"{v:.4f}", na_rep="")

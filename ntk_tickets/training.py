@@ -10,8 +10,10 @@ The loop is one jitted program per shape: ``lax.scan`` over the recording segmen
 ``lax.fori_loop`` over the steps inside each segment, and ``vmap`` over seeds, so no host
 round trip happens during training and one compile serves every seed. At each recorded
 step (log-spaced, :func:`log_spaced_steps`) it stores the network outputs on the training
-and test inputs and the squared weight change per layer; losses, accuracies and function
-gaps are computed from those outputs afterwards (:mod:`ntk_tickets.metrics`).
+and test inputs and the squared weight change per layer (and optionally a probe kernel);
+losses, accuracies and function gaps are computed from those outputs afterwards
+(:mod:`ntk_tickets.experiments`). Masks enter as an ``update_mask`` argument, so masked
+(ticket) training is the same program.
 
 Losses: ``mse`` is ½·mean((f − y)²) over all n·k entries, the normalization under which
 ``t`` steps of gradient descent with step size η match neural-tangents' closed form at
@@ -22,6 +24,7 @@ with integer labels.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from collections.abc import Callable
 from typing import Any
@@ -64,7 +67,9 @@ def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
     """The optax optimizer of ``cfg`` with its learning-rate schedule.
 
     ``constant``; ``cosine`` decays to 0 over ``cfg.steps``; ``warmup_cosine`` warms up
-    linearly over the first 5 % of steps, then decays.
+    linearly over the first 5 % of steps, then decays. ``weight_decay`` is added to the
+    gradient for sgd and momentum (L2) and decoupled for adam (AdamW, which equals Adam at
+    weight decay 0).
     """
     if cfg.schedule == "constant":
         lr = cfg.learning_rate
@@ -73,11 +78,12 @@ def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
     else:
         lr = optax.warmup_cosine_decay_schedule(
             0.0, cfg.learning_rate, max(1, cfg.steps // 20), cfg.steps)
-    if cfg.optimizer == "sgd":
-        return optax.sgd(lr)
-    if cfg.optimizer == "momentum":
-        return optax.sgd(lr, momentum=cfg.momentum)
-    return optax.adam(lr)
+    if cfg.optimizer == "adam":
+        return optax.adamw(lr, weight_decay=cfg.weight_decay)
+    base = optax.sgd(lr, momentum=cfg.momentum if cfg.optimizer == "momentum" else None)
+    if cfg.weight_decay:
+        return optax.chain(optax.add_decayed_weights(cfg.weight_decay), base)
+    return base
 
 
 def batch_order(key: jax.Array, n_train: int, batch_size: int, steps: int) -> jax.Array:
@@ -96,15 +102,18 @@ def batch_order(key: jax.Array, n_train: int, batch_size: int, steps: int) -> ja
 
 @dataclasses.dataclass(frozen=True)
 class Trajectory:
-    """What one training run records, for every seed (leading axis) and recorded step.
+    """What one training run records, for every seed (leading axis s) and recorded step.
 
     Attributes:
       steps: (r,) the recorded steps.
       f_train: (s, r, n_train, k) outputs on the training inputs.
       f_test: (s, r, n_test, k) outputs on the test inputs.
-      sq_change: (s, r, n_layers) ‖θ_t − θ0‖² per parameterized layer.
-      sq_norm0: (s, n_layers) ‖θ0‖² per parameterized layer.
-      params: the final parameters, stacked over seeds.
+      sq_change: (s, r, n_layers) ‖θ_t − θ_start‖² per parameterized layer.
+      sq_norm0: (s, n_layers) ‖θ_start‖² per parameterized layer.
+      params: the final parameters θ_T, stacked over seeds.
+      params_rewind: the parameters θ_k at the rewind step k, stacked over seeds.
+      probe_kernel: (s, r, m, m) the traced empirical NTK of the trained function on the
+        probe inputs at each recorded step, or None when not requested.
     """
 
     steps: np.ndarray
@@ -113,6 +122,8 @@ class Trajectory:
     sq_change: jax.Array
     sq_norm0: jax.Array
     params: PyTree
+    params_rewind: PyTree
+    probe_kernel: jax.Array | None = None
 
 
 def _layer_sq_norms(params: PyTree) -> jax.Array:
@@ -123,26 +134,43 @@ def _layer_sq_norms(params: PyTree) -> jax.Array:
     ])
 
 
-def make_train_fn(fn: ModelFn, cfg: TrainConfig, record_steps: np.ndarray) -> Callable:
+def _n_seeds(params0: PyTree) -> int:
+    return jax.tree_util.tree_leaves(params0)[0].shape[0]
+
+
+def make_train_fn(fn: ModelFn, cfg: TrainConfig, record_steps: np.ndarray, *,
+                  probe_kernel_fn: Callable[[PyTree, jax.Array], jax.Array] | None = None
+                  ) -> Callable:
     """Builds the jitted, seed-vmapped training program.
 
     Args:
       fn: ``(params, params0, x) -> outputs``.
       cfg: optimizer, loss, steps and batch size.
       record_steps: increasing steps at which outputs are recorded, from 0 to ``cfg.steps``.
+      probe_kernel_fn: optional ``(params, x_probe) -> (m, m)`` kernel recorded at every
+        recorded step (e.g. the traced empirical NTK, for ``ntk_change``).
 
     Returns:
-      A jitted ``train(params0, x_train, y_train, x_test, batches)`` returning
-      ``(f_train, f_test, sq_change, sq_norm0, params)`` as in :class:`Trajectory`;
-      ``params0`` and ``batches`` (int, (s, steps, batch_size), or (s, 0, 0) for full
-      batch) have a leading seed axis. Everything is an argument: nothing, parameters
-      included, is closed over (DESIGN.md §3). Run it with :func:`run_training`.
+      A jitted ``train(params0, update_mask, data, batches, rewind_step)`` returning the
+      fields of :class:`Trajectory` after ``steps`` as a tuple. ``params0`` (the start of
+      training and the point of linearization), ``update_mask`` and ``batches`` (int,
+      (s, steps, batch_size), or (s, 0, 0) for full batch) have a leading seed axis; ``data``
+      is a dict with ``x_train``, ``y_train``, ``x_test`` and (with ``probe_kernel_fn``)
+      ``x_probe``. ``update_mask`` is a 0/1 PyTree shaped like ``params0`` or None: where it
+      is 0 the optimizer's update is replaced by exactly 0 after every transformation
+      (momentum, Adam moments, weight decay), so entries that start at 0 stay exactly 0.
+      ``rewind_step`` (int scalar, one of ``record_steps``) selects the step whose
+      parameters are returned as ``params_rewind``. Everything is an argument: nothing,
+      parameters and masks included, is closed over (DESIGN.md §3), so one compile serves
+      every seed, mask and rewind step. Run it with :class:`TrainingProgram`.
     """
     optimizer = make_optimizer(cfg)
     loss_fn = LOSSES[cfg.loss]
     bounds = jnp.asarray(np.stack([record_steps[:-1], record_steps[1:]], axis=1))
 
-    def train_one(params0, x_train, y_train, x_test, batches):
+    def train_one(params0, update_mask, data, batches, rewind_step):
+        x_train, y_train = data["x_train"], data["y_train"]
+
         def loss_of(params, x, y):
             return loss_fn(fn(params, params0, x), y)
 
@@ -154,40 +182,90 @@ def make_train_fn(fn: ModelFn, cfg: TrainConfig, record_steps: np.ndarray) -> Ca
                 x, y = x_train, y_train
             grads = jax.grad(loss_of)(params, x, y)
             updates, opt_state = optimizer.update(grads, opt_state, params)
+            if update_mask is not None:
+                updates = jax.tree_util.tree_map(
+                    lambda u, m: jnp.where(m, u, jnp.zeros_like(u)), updates, update_mask)
             return optax.apply_updates(params, updates), opt_state
 
         def record(params):
             delta = jax.tree_util.tree_map(jnp.subtract, params, params0)
-            return (fn(params, params0, x_train), fn(params, params0, x_test),
-                    _layer_sq_norms(delta))
+            out = (fn(params, params0, x_train), fn(params, params0, data["x_test"]),
+                   _layer_sq_norms(delta))
+            if probe_kernel_fn is not None:
+                out += (probe_kernel_fn(params, data["x_probe"]),)
+            return out
 
         def segment(carry, bound):
-            carry = jax.lax.fori_loop(bound[0], bound[1], step, carry)
-            return carry, record(carry[0])
+            params, opt_state, params_rewind = carry
+            params, opt_state = jax.lax.fori_loop(bound[0], bound[1], step,
+                                                  (params, opt_state))
+            params_rewind = jax.tree_util.tree_map(
+                lambda a, b: jnp.where(bound[1] == rewind_step, a, b), params, params_rewind)
+            return (params, opt_state, params_rewind), record(params)
 
         first = record(params0)
-        (params, _), rest = jax.lax.scan(segment, (params0, optimizer.init(params0)), bounds)
-        f_train, f_test, sq_change = (
-            jnp.concatenate([a[None], b]) for a, b in zip(first, rest, strict=True))
-        return f_train, f_test, sq_change, _layer_sq_norms(params0), params
+        carry = (params0, optimizer.init(params0), params0)
+        (params, _, params_rewind), rest = jax.lax.scan(segment, carry, bounds)
+        recorded = [jnp.concatenate([a[None], b]) for a, b in zip(first, rest, strict=True)]
+        f_train, f_test, sq_change, *probe = recorded
+        return (f_train, f_test, sq_change, _layer_sq_norms(params0), params, params_rewind,
+                probe[0] if probe else None)
 
-    return jax.jit(jax.vmap(train_one, in_axes=(0, None, None, None, 0)))
+    def train(params0, update_mask, data, batches, rewind_step):
+        if _n_seeds(params0) > 1:
+            return jax.vmap(train_one, in_axes=(0, 0, None, 0, None))(
+                params0, update_mask, data, batches, rewind_step)
+        # One seed: run unbatched. XLA:CPU runs a batched matmul of batch 1 at about half
+        # the speed of the plain one (benchmarks/bench_engine.py).
+        squeeze = functools.partial(jax.tree_util.tree_map, lambda a: a[0])
+        out = train_one(squeeze(params0), squeeze(update_mask), data, squeeze(batches),
+                        rewind_step)
+        return jax.tree_util.tree_map(lambda a: a[None], out)
+
+    return jax.jit(train)
 
 
-def run_training(train_fn: Callable, record_steps: np.ndarray, params0: PyTree,
-                 x_train: jax.Array, y_train: jax.Array, x_test: jax.Array,
-                 batches: jax.Array) -> tuple[Trajectory, float, float]:
-    """Compiles and runs ``train_fn`` from :func:`make_train_fn`, timing the two apart.
+class TrainingProgram:
+    """One training program, compiled once per argument shape and reused.
 
-    Returns:
-      ``(trajectory, compile_s, run_s)``.
+    Calling it with new parameters, masks or rewind steps of the same shapes reuses the
+    compiled executable, so a ticket study compiles once per width and path, not once per
+    round or mask (DESIGN.md §3). Compile and run seconds are accumulated separately.
+
+    Example::
+
+        program = TrainingProgram(linearize(model.apply_fn), cfg.train, steps)
+        trajectory = program(params0, data, batches)
+        print(program.compile_s, program.run_s)
     """
-    args = (params0, x_train, y_train, x_test, batches)
-    start = time.perf_counter()
-    compiled = train_fn.lower(*args).compile()
-    compile_s = time.perf_counter() - start
-    start = time.perf_counter()
-    f_train, f_test, sq_change, sq_norm0, params = jax.block_until_ready(compiled(*args))
-    run_s = time.perf_counter() - start
-    trajectory = Trajectory(record_steps, f_train, f_test, sq_change, sq_norm0, params)
-    return trajectory, compile_s, run_s
+
+    def __init__(self, fn: ModelFn, cfg: TrainConfig, record_steps: np.ndarray, *,
+                 probe_kernel_fn: Callable[[PyTree, jax.Array], jax.Array] | None = None):
+        self.record_steps = np.asarray(record_steps)
+        self._train = make_train_fn(fn, cfg, self.record_steps,
+                                    probe_kernel_fn=probe_kernel_fn)
+        self._compiled: dict[Any, Any] = {}
+        self.compile_s = 0.0
+        self.run_s = 0.0
+
+    def __call__(self, params0: PyTree, data: dict[str, jax.Array], batches: jax.Array,
+                 update_mask: PyTree | None = None, rewind_step: int = 0) -> Trajectory:
+        """Trains from ``params0`` (leading seed axis); see :func:`make_train_fn`.
+
+        Raises:
+          ValueError: if ``rewind_step`` is not one of the recorded steps.
+        """
+        if rewind_step not in self.record_steps:
+            raise ValueError(f"rewind_step {rewind_step} is not a recorded step "
+                             f"{self.record_steps.tolist()}")
+        args = (params0, update_mask, data, batches, jnp.asarray(rewind_step, jnp.int32))
+        leaves, treedef = jax.tree_util.tree_flatten(args)
+        key = (treedef, tuple((leaf.shape, leaf.dtype) for leaf in leaves))
+        if key not in self._compiled:
+            start = time.perf_counter()
+            self._compiled[key] = self._train.lower(*args).compile()
+            self.compile_s += time.perf_counter() - start
+        start = time.perf_counter()
+        out = jax.block_until_ready(self._compiled[key](*args))
+        self.run_s += time.perf_counter() - start
+        return Trajectory(self.record_steps, *out)

@@ -1,0 +1,290 @@
+"""Ticket procedures: masks found by pruning, evaluated against controls and perturbed.
+
+One ticket cell (one width, all seeds vmapped) runs, on top of the dense networks of
+:func:`ntk_tickets.experiments.run_dense` (SCIENCE.md, "Ticket procedures"):
+
+1. **Search** for one mask per round r = 1 … L (``tickets.rounds``), each keeping a fraction
+   (1 − p)^r of the prunable weights (:mod:`ntk_tickets.masks`):
+
+   * ``imp``: iterative magnitude pruning with rewinding. The dense run (round 0) records
+     θ_k at ``rewind_step`` k; round r prunes the smallest |θ_T| of round r − 1's trained
+     weights and trains the survivors again from θ_k ⊙ m_r (Frankle & Carbin 2019; Frankle
+     et al. 2020, arXiv 1912.05671);
+   * ``oneshot``: every round's mask from the dense run's |θ_T| at once;
+   * ``magnitude_init``, ``snip``, ``grasp``, ``synflow``, ``ntk_saliency``: scores at θ0
+     (:mod:`ntk_tickets.criteria`); SynFlow prunes iteratively with data-free scores,
+     ``tickets.synflow_iterations`` steps toward each round's density.
+
+   ``imp`` and ``oneshot`` are driven by the ``search_path``'s training: ``exact``,
+   ``linear`` (tangent-space tickets), or ``both``. Mask names in the records are the
+   method (``imp``), with ``_linear`` appended for the linear search (``imp_linear``).
+2. **Evaluate** every round's mask by training θ_k ⊙ m on every path of
+   ``tickets.eval_paths``; with both search paths and both eval paths this is the 2×2
+   evaluation, and ``mask_overlap`` records the Jaccard overlap of the two masks per round.
+3. **Controls** of the first mask family, at every round: ``random`` (same per-layer
+   density, random wiring), ``shuffle`` (the mask permuted within each unit), ``reinit``
+   (the same mask on fresh weights ξ from the initializer).
+4. **Perturbation** of the last round's ticket: the complement gets ε·ξ for each ε of
+   ``tickets.perturb_eps`` (frozen, or trained with ``perturb_trainable``); mask
+   ``perturb``, column ``eps``. ε = 0 with a frozen complement is the isolated ticket.
+
+Every training run goes through the cell's compiled programs: masks, starts and rewind
+steps are array arguments, so each path compiles once per width however many rounds,
+masks and ε there are (DESIGN.md §3).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ntk_tickets import criteria, masks
+from ntk_tickets.config import StudyConfig, TicketsConfig
+from ntk_tickets.data import Dataset
+from ntk_tickets.experiments import (
+    CellResult,
+    DenseCell,
+    divergence_by_seed,
+    finish_cell,
+    run_dense,
+    trajectory_rows,
+)
+from ntk_tickets.masks import PruningSpec
+from ntk_tickets.training import LOSSES, Trajectory
+
+PyTree = Any
+
+# Roles of the per-seed mask key (fold_in data), so every draw is independent.
+_REINIT, _PERTURB, _SALIENCY, _CONTROLS = range(4)
+
+
+def pruning_spec(t: TicketsConfig) -> PruningSpec:
+    """The :class:`~ntk_tickets.masks.PruningSpec` of a tickets section."""
+    output = None if t.output_prune_fraction < 0 else t.output_prune_fraction
+    return PruningSpec(t.prune_fraction, t.scope, t.prune_biases, output)
+
+
+def search_paths(t: TicketsConfig) -> tuple[str, ...]:
+    """The paths whose training drives the search, in the order of the mask families."""
+    return ("exact", "linear") if t.search_path == "both" else (t.search_path,)
+
+
+def family_name(method: str, search_path: str) -> str:
+    """The records' mask name of a search: ``imp`` (exact) or ``imp_linear`` (linear)."""
+    return method if search_path == "exact" else f"{method}_linear"
+
+
+def _seed_slice(tree: PyTree, i: int) -> PyTree:
+    return jax.tree_util.tree_map(lambda a: np.asarray(a[i]), tree)
+
+
+def _stack(trees: list[PyTree]) -> PyTree:
+    return jax.tree_util.tree_map(lambda *a: np.stack(a), *trees)
+
+
+def _per_seed(fn, n_seeds: int, *trees: PyTree) -> PyTree:
+    """``fn(i, *tree_i)`` for every seed i of stacked trees, stacked again."""
+    return _stack([fn(i, *(_seed_slice(t, i) for t in trees)) for i in range(n_seeds)])
+
+
+def _magnitude_round_masks(scores: PyTree, spec: PruningSpec, rounds: int,
+                           n_seeds: int) -> list[PyTree]:
+    """Masks of rounds 1 … L from one set of scores (one-shot pruning to each level)."""
+    def prune(r):
+        return _per_seed(lambda i, s: masks.prune_to_level(
+            s, masks.ones_like(s), spec, r), n_seeds, scores)
+    return [prune(r) for r in range(1, rounds + 1)]
+
+
+def _synflow_masks(apply_fn, params0: PyTree, input_shape, spec: PruningSpec, rounds: int,
+                   iterations: int, n_seeds: int) -> list[PyTree]:
+    """SynFlow masks of rounds 1 … L: ``iterations`` prune-and-rescore steps to each level
+    (Tanaka et al. 2020, arXiv 2006.05467, Algorithm 1)."""
+    score_fn = jax.jit(functools.partial(criteria.synflow_scores, apply_fn,
+                                         input_shape=input_shape))
+
+    def one_seed(theta0, r):
+        mask = masks.ones_like(theta0)
+        for j in range(1, iterations + 1):
+            scores = score_fn(masks.apply_mask(theta0, mask))
+            mask = masks.prune_to_level(scores, mask, spec, r * j / iterations)
+        return mask
+
+    return [_per_seed(lambda i, p, r=r: one_seed(p, r), n_seeds, params0)
+            for r in range(1, rounds + 1)]
+
+
+def _at_init_scores(method: str, cell: DenseCell, cfg: StudyConfig) -> PyTree:
+    """Scores at θ0 of a one-pass criterion, stacked over seeds."""
+    setup = cell.setup
+    keys = jax.vmap(lambda k: jax.random.fold_in(k, _SALIENCY))(setup.mask_keys)
+    score = jax.jit(functools.partial(
+        criteria.at_init_scores, method, setup.model.apply_fn,
+        loss_fn=LOSSES[cfg.train.loss], input_shape=setup.model.input_shape,
+        n_samples=cfg.tickets.saliency_samples))
+    return _stack([score(_seed_slice(setup.params0, i), x=setup.data["x_train"],
+                         y=setup.data["y_train"], key=keys[i],
+                         x_probe=setup.data["x_probe"]) for i in range(len(setup.seeds))])
+
+
+def _absolute(params: PyTree) -> PyTree:
+    return jax.tree_util.tree_map(lambda a: np.abs(np.asarray(a)), params)
+
+
+def find_masks(cfg: StudyConfig, cell: DenseCell,
+               search_path: str) -> tuple[list[PyTree], dict[int, Trajectory]]:
+    """The masks of rounds 1 … L for one search, and the runs the search already trained.
+
+    Returns:
+      ``(masks, trained)``: ``masks[r - 1]`` is round r's mask (bool, stacked over seeds);
+      ``trained`` maps a round to its trajectory on ``search_path`` when the search trained
+      it (``imp``), so the evaluation does not train it again.
+    """
+    t, setup = cfg.tickets, cell.setup
+    spec, n_seeds = pruning_spec(t), len(setup.seeds)
+    dense = cell.trajectories[search_path]
+    if t.method == "oneshot":
+        return _magnitude_round_masks(_absolute(dense.params), spec, t.rounds, n_seeds), {}
+    if t.method == "synflow":
+        return _synflow_masks(setup.model.apply_fn, setup.params0, setup.model.input_shape,
+                              spec, t.rounds, t.synflow_iterations, n_seeds), {}
+    if t.method != "imp":
+        scores = _at_init_scores(t.method, cell, cfg)
+        return _magnitude_round_masks(scores, spec, t.rounds, n_seeds), {}
+    program, theta_k = cell.programs[search_path], dense.params_rewind
+    mask, trained, found, traj = masks.ones_like(setup.params0), {}, [], dense
+    for r in range(1, t.rounds + 1):
+        mask = _per_seed(lambda i, p, m, r=r: masks.prune_to_level(_absolute(p), m, spec, r),
+                         n_seeds, traj.params, mask)
+        traj = program(masks.apply_mask(theta_k, mask), setup.data, setup.batches, mask,
+                       t.rewind_step)
+        found.append(mask)
+        trained[r] = traj
+    return found, trained
+
+
+def _control_masks(mask: PyTree, t: TicketsConfig, keys: jax.Array,
+                   round_: int) -> dict[str, PyTree]:
+    """The ``random`` and ``shuffle`` controls of a (stacked) mask, seeded per seed/round."""
+    makers = {"random": masks.random_control, "shuffle": masks.shuffle_control}
+    out = {}
+    for j, name in enumerate(c for c in t.controls if c in makers):
+        def draw(i, m, j=j, name=name):
+            seed = [*np.asarray(keys[i]).tolist(), _CONTROLS, round_, j]
+            return makers[name](m, t.prune_biases, np.random.default_rng(seed))
+        out[name] = _per_seed(draw, keys.shape[0], mask)
+    return out
+
+
+def _fresh_init(cell: DenseCell, role: int) -> PyTree:
+    """ξ: new weights from the initializer, one draw per seed and role."""
+    keys = jax.vmap(lambda k: jax.random.fold_in(k, role))(cell.setup.mask_keys)
+    return jax.vmap(cell.setup.model.init)(keys)
+
+
+class _Evaluator:
+    """Trains (start, mask) pairs on every eval path and turns them into records."""
+
+    def __init__(self, cfg: StudyConfig, cell: DenseCell, data: Dataset):
+        self.cfg, self.cell, self.data = cfg, cell, data
+        self.rows: list[dict[str, Any]] = []
+        self.diverged: dict[str, dict[str, int | None]] = {}
+
+    def __call__(self, name: str, round_: int, start: PyTree, update_mask: PyTree,
+                 sparsity: float, *, eps: float = float("nan"),
+                 trained: dict[str, Trajectory] | None = None) -> None:
+        setup, t = self.cell.setup, self.cfg.tickets
+        f_test_exact = None
+        for path in sorted(t.eval_paths, key=("exact", "linear").index):
+            traj = (trained or {}).get(path)
+            if traj is None:
+                traj = self.cell.programs[path](start, setup.data, setup.batches,
+                                                update_mask, t.rewind_step)
+            for row in trajectory_rows(path, setup, traj, self.data, self.cfg, f_test_exact):
+                row.update(mask=name, round=round_, sparsity=sparsity, eps=eps)
+                self.rows.append(row)
+            label = f"{path}/{name}/round{round_}" + ("" if np.isnan(eps) else f"/eps{eps:g}")
+            self.diverged[label] = divergence_by_seed(
+                setup.seeds, setup.steps, np.asarray(traj.f_train), self.data.y_train,
+                self.cfg.train.loss)
+            if path == "exact":
+                f_test_exact = np.asarray(traj.f_test)
+
+
+def run_tickets(cfg: StudyConfig, cell: DenseCell,
+                data: Dataset) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Search, evaluation, controls, overlaps and perturbation of one ticket cell.
+
+    Returns:
+      ``(rows, info)``: the ticket records (masks other than ``dense``) and manifest
+      entries: ``sparsity_report`` (per mask family and round, the kept fraction of each
+      layer's prunable entries, seed 0) and ``diverged_step`` per ticket run
+      (``"<path>/<mask>/round<r>[/eps<ε>]"`` → per seed).
+    """
+    t, setup = cfg.tickets, cell.setup
+    n_seeds = len(setup.seeds)
+    theta_k = {path: cell.trajectories[path].params_rewind for path in search_paths(t)}
+    families = {family_name(t.method, path): (path, *find_masks(cfg, cell, path))
+                for path in search_paths(t)}
+    evaluate = _Evaluator(cfg, cell, data)
+    report: dict[str, dict[str, dict[str, float]]] = {}
+    first = next(iter(families))
+    reinit = _fresh_init(cell, _REINIT) if "reinit" in t.controls else None
+    for name, (path, found, trained) in families.items():
+        report[name] = {}
+        for r, mask in enumerate(found, start=1):
+            mask0 = _seed_slice(mask, 0)
+            sparsity = masks.sparsity(mask0, t.prune_biases)
+            report[name][str(r)] = masks.density_report(mask0, setup.model.layer_names,
+                                                         t.prune_biases)
+            evaluate(name, r, masks.apply_mask(theta_k[path], mask), mask, sparsity,
+                     trained={path: trained[r]} if r in trained else None)
+            if name != first:
+                overlap = [masks.jaccard(_seed_slice(found[r - 1], i),
+                                         _seed_slice(families[first][1][r - 1], i),
+                                         t.prune_biases) for i in range(n_seeds)]
+                evaluate.rows += [
+                    {"seed": int(s), "path": "none", "mask": name, "round": r,
+                     "sparsity": sparsity, "step": cfg.train.steps, "split": "none",
+                     "metric": "mask_overlap", "value": v}
+                    for s, v in zip(setup.seeds, overlap, strict=True)]
+                continue
+            for control, control_mask in _control_masks(mask, t, setup.mask_keys, r).items():
+                evaluate(control, r, masks.apply_mask(theta_k[path], control_mask),
+                         control_mask, sparsity)
+            if reinit is not None:
+                evaluate("reinit", r, masks.apply_mask(reinit, mask), mask, sparsity)
+    if t.perturb_eps:
+        path, found, _ = families[first]
+        ticket = found[-1]
+        xi = _fresh_init(cell, _PERTURB)
+        update = ticket if not t.perturb_trainable else masks.ones_like(setup.params0)
+        sparsity = masks.sparsity(_seed_slice(ticket, 0), t.prune_biases)
+        for eps in t.perturb_eps:
+            start = masks.perturbed_start(theta_k[path], xi, ticket, jnp.asarray(eps))
+            evaluate("perturb", t.rounds, start, update, sparsity, eps=float(eps))
+    return evaluate.rows, {"sparsity_report": report, "diverged_step": evaluate.diverged}
+
+
+def run_ticket_width(cfg: StudyConfig, data: Dataset, width: int) -> CellResult:
+    """One ticket cell: the dense paired study of :func:`ntk_tickets.experiments.run_dense`
+    followed by :func:`run_tickets`, with the same compiled programs.
+
+    Args:
+      cfg: a study config with a ``[tickets]`` section.
+      data: the dataset.
+      width: hidden units (MLPs) or channels (CNNs).
+
+    Returns:
+      The :class:`~ntk_tickets.experiments.CellResult` of dense and ticket records.
+    """
+    cell = run_dense(cfg, data, width)
+    rows, info = run_tickets(cfg, cell, data)
+    cell.rows += rows
+    cell.info["diverged_step"].update(info.pop("diverged_step"))
+    cell.info.update(info)
+    return finish_cell(cell, width)
