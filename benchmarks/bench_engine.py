@@ -68,8 +68,9 @@ def _paths(model, theta0):
 def _setup(width: int, data, steps: int):
     model = build_model(ModelConfig(), width, data.input_shape, data.n_out)
     params0 = jax.vmap(model.init)(jax.random.PRNGKey(0)[None])
-    args = (params0, jnp.asarray(data.x_train), jnp.asarray(data.y_train),
-            jnp.asarray(data.x_test), jnp.zeros((1, 0, 0), jnp.int32))
+    arrays = {"x_train": jnp.asarray(data.x_train), "y_train": jnp.asarray(data.y_train),
+              "x_test": jnp.asarray(data.x_test)}
+    args = (params0, None, arrays, jnp.zeros((1, 0, 0), jnp.int32), jnp.asarray(0))
     cfg = TrainConfig(steps=steps, learning_rate=0.1, seeds=(0,))
     theta0 = jax.tree_util.tree_map(lambda a: a[0], params0)
     return model, theta0, args, cfg
@@ -95,7 +96,8 @@ def step_throughput(width: int, data, steps: int) -> dict[str, tuple[float, floa
     paths = _paths(model, theta0)
     out = {}
     for path in ("exact", "linear"):
-        one_step = jax.jit(_sgd_step(paths[path])).lower(theta0, theta0, args[1], args[2])
+        one_step = jax.jit(_sgd_step(paths[path])).lower(theta0, theta0, args[2]["x_train"],
+                                                           args[2]["y_train"])
         analysis = one_step.compile().cost_analysis()
         flops = (analysis[0] if isinstance(analysis, list) else analysis)["flops"]
         compiled = make_train_fn(paths[path], cfg, record).lower(*args).compile()
@@ -109,7 +111,7 @@ def step_throughput(width: int, data, steps: int) -> dict[str, tuple[float, floa
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="skip width 4096")
-    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--steps", type=int, default=100)
     args = parser.parse_args()
     data = load_dataset(DataConfig(name="digits", n_train=512, n_test=64))
     peak = matmul_peak_gflops()

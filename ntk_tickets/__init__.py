@@ -21,9 +21,25 @@ from ntk_tickets.config import (
     parse_override,
     with_overrides,
 )
+from ntk_tickets.criteria import (
+    AT_INIT_CRITERIA,
+    at_init_scores,
+    grasp_scores,
+    magnitude_scores,
+    ntk_saliency_scores,
+    snip_scores,
+    synflow_scores,
+)
 from ntk_tickets.data import Dataset, load_dataset
 from ntk_tickets.errors import UserInputError
-from ntk_tickets.experiments import CellResult, run_paired_width
+from ntk_tickets.experiments import (
+    CellResult,
+    CellSetup,
+    DenseCell,
+    run_dense,
+    run_paired_width,
+    setup_cell,
+)
 from ntk_tickets.kernels import (
     empirical_ntk,
     empirical_ntk_predictions,
@@ -32,6 +48,18 @@ from ntk_tickets.kernels import (
     ntk_init_error,
 )
 from ntk_tickets.linear import linearize
+from ntk_tickets.masks import (
+    PruningSpec,
+    apply_mask,
+    density_report,
+    jaccard,
+    ones_like,
+    perturbed_start,
+    prune_to_level,
+    random_control,
+    shuffle_control,
+    sparsity,
+)
 from ntk_tickets.models import Model, build_model, layer_params, parameter_count
 from ntk_tickets.results import (
     RECORD_COLUMNS,
@@ -41,7 +69,14 @@ from ntk_tickets.results import (
     load_records,
     records_frame,
 )
-from ntk_tickets.study import preset_names, resolve_config, run_study, width_table
+from ntk_tickets.study import (
+    preset_names,
+    resolve_config,
+    run_study,
+    ticket_table,
+    width_table,
+)
+from ntk_tickets.tickets import find_masks, run_ticket_width, run_tickets
 from ntk_tickets.training import (
     TrainingProgram,
     Trajectory,
@@ -54,22 +89,29 @@ from ntk_tickets.training import (
 __version__ = "0.1.0"
 
 __all__ = [
-    "NT_VERSION",
-    "RECORD_COLUMNS",
+    "apply_mask",
     "apply_overrides",
+    "AT_INIT_CRITERIA",
+    "at_init_scores",
     "batch_order",
     "build_model",
     "CellResult",
+    "CellSetup",
     "check_ntk_implementation",
     "config_from_dict",
     "config_hash",
     "config_to_dict",
     "DataConfig",
     "Dataset",
+    "DenseCell",
+    "density_report",
     "empirical_ntk",
     "empirical_ntk_predictions",
     "environment_info",
+    "find_masks",
+    "grasp_scores",
     "infinite_width_predictions",
+    "jaccard",
     "layer_params",
     "linearize",
     "load_config",
@@ -77,23 +119,41 @@ __all__ = [
     "load_manifest",
     "load_records",
     "log_spaced_steps",
+    "magnitude_scores",
     "make_optimizer",
     "make_train_fn",
     "Model",
     "ModelConfig",
     "nt",
+    "NT_VERSION",
     "ntk_change",
     "ntk_init_error",
+    "ntk_saliency_scores",
+    "ones_like",
     "parameter_count",
     "parse_override",
+    "perturbed_start",
     "preset_names",
+    "prune_to_level",
+    "PruningSpec",
+    "random_control",
+    "RECORD_COLUMNS",
     "records_frame",
     "resolve_config",
     "ResultsStore",
+    "run_dense",
     "run_paired_width",
     "run_study",
+    "run_ticket_width",
+    "run_tickets",
+    "setup_cell",
+    "shuffle_control",
+    "snip_scores",
+    "sparsity",
     "stax",
     "StudyConfig",
+    "synflow_scores",
+    "ticket_table",
     "TicketsConfig",
     "TrainConfig",
     "TrainingProgram",

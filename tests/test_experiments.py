@@ -160,3 +160,31 @@ def test_list_shows_presets(capsys):
     assert main(["list"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("demo ") and "linearization-scaling" in out
+
+
+def test_ntk_change_is_recorded_at_every_step_and_grows_from_zero(scaling_records):
+    records, _ = scaling_records
+    change = records[records.metric == "ntk_change"]
+    assert set(change.path) == {"exact"}  # the linear path's tangent kernel never changes
+    steps = sorted(records[records.metric == "loss"].step.unique())
+    assert sorted(change.step.unique()) == steps
+    per_step = change[change.width == 16].groupby("step")["value"].mean()
+    assert per_step.iloc[0] == 0.0 and per_step.iloc[-1] > 0.0
+    final = _final(records, "exact", "ntk_change")
+    assert final[1024] < 0.3 * final[16], final.to_dict()  # lazier kernels at width
+
+
+def test_ticket_study_through_the_cli_prints_the_ticket_table(tmp_path, capsys):
+    args = ["run", "demo-tickets", "--out", str(tmp_path)]
+    for item in ["model.widths=[16]", "train.seeds=[0]", "train.steps=20", "data.n_train=64",
+                 "data.n_test=32", "tickets.rounds=2"]:
+        args += ["--set", item]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "test accuracy of each mask" in out and "reinit" in out
+    records = load_records(tmp_path)
+    assert set(records["mask"]) == {"dense", "imp", "random", "reinit"}
+    assert set(records["round"]) == {0, 1, 2}
+    manifest = load_manifest(tmp_path)
+    cell = next(iter(manifest["cells"].values()))
+    assert set(cell["sparsity_report"]["imp"]) == {"1", "2"}
