@@ -196,11 +196,10 @@ def trajectory_rows(path: str, setup: CellSetup, traj: Trajectory, data: Dataset
                       f_test_exact if "function_gap" in cfg.metrics else None)
     if "weight_change" in cfg.metrics:
         rows += _weight_change_rows(path, seeds, steps, setup.model, traj)
-    if traj.probe_kernel is not None:
-        k = np.asarray(traj.probe_kernel)  # (s, r, m, m)
-        change = (np.linalg.norm(k - k[:, :1], axis=(-2, -1))
-                  / np.linalg.norm(k[:, :1], axis=(-2, -1)))
-        rows += _grid_rows(path, seeds, steps, "probe", "ntk_change", change)
+    if traj.probe_kernel is not None:  # (s, r, m, m): K_t against K_0, per seed and step
+        change = jax.vmap(jax.vmap(kernels.relative_frobenius, in_axes=(0, None)))(
+            traj.probe_kernel, traj.probe_kernel[:, 0])
+        rows += _grid_rows(path, seeds, steps, "probe", "ntk_change", np.asarray(change))
     return [r for r in rows if r["metric"].split("/")[0] in cfg.metrics]
 
 
@@ -255,12 +254,12 @@ def run_dense(cfg: StudyConfig, data: Dataset, width: int) -> DenseCell:
         rows += _grid_rows("exact", seeds, [0], "probe", "ntk_init_error", np.asarray(values))
     f_test_exact = (np.asarray(trajectories["exact"].f_test) if "exact" in trajectories
                     else None)
-    for path, traj in trajectories.items():
-        rows += trajectory_rows(path, setup, traj, data, cfg, f_test_exact)
     for path, (f_train, f_test) in outputs.items():
         rows += _path_rows(path, seeds, steps, data, cfg.train.loss, f_train, f_test,
                            f_test_exact if "function_gap" in cfg.metrics else None)
     rows = [r for r in rows if r["metric"].split("/")[0] in cfg.metrics]
+    for path, traj in trajectories.items():
+        rows += trajectory_rows(path, setup, traj, data, cfg, f_test_exact)
     return DenseCell(setup, programs, trajectories, rows, info, time.perf_counter() - start)
 
 

@@ -36,6 +36,7 @@ masks and ε there are (DESIGN.md §3).
 from __future__ import annotations
 
 import functools
+import time
 from typing import Any
 
 import jax
@@ -270,6 +271,10 @@ def run_tickets(cfg: StudyConfig, cell: DenseCell,
     return evaluate.rows, {"sparsity_report": report, "diverged_step": evaluate.diverged}
 
 
+def _program_seconds(cell: DenseCell) -> float:
+    return sum(p.compile_s + p.run_s for p in cell.programs.values())
+
+
 def run_ticket_width(cfg: StudyConfig, data: Dataset, width: int) -> CellResult:
     """One ticket cell: the dense paired study of :func:`ntk_tickets.experiments.run_dense`
     followed by :func:`run_tickets`, with the same compiled programs.
@@ -283,7 +288,10 @@ def run_ticket_width(cfg: StudyConfig, data: Dataset, width: int) -> CellResult:
       The :class:`~ntk_tickets.experiments.CellResult` of dense and ticket records.
     """
     cell = run_dense(cfg, data, width)
+    before, start = _program_seconds(cell), time.perf_counter()
     rows, info = run_tickets(cfg, cell, data)
+    # Time outside the training programs (scores, masks, records) counts as run time.
+    cell.extra_s += time.perf_counter() - start - (_program_seconds(cell) - before)
     cell.rows += rows
     cell.info["diverged_step"].update(info.pop("diverged_step"))
     cell.info.update(info)
