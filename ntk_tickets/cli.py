@@ -8,10 +8,14 @@ Commands available now:
 * ``ntk-tickets config FILE.toml [--set dotted.key=value ...]`` — validate a study config
   and print it resolved, with its hash.
 * ``ntk-tickets list`` — the presets, one line each.
-* ``ntk-tickets run PRESET_OR_CONFIG [--set ...] [--out DIR] [--force]`` — run a paired
-  width study into ``DIR`` (default ``results/<name>``), resuming where it stopped.
-* ``ntk-tickets demo [--out DIR] [--force]`` — the ``demo`` preset into ``results/demo``,
-  then a per-width summary table.
+* ``ntk-tickets run PRESET_OR_CONFIG [--set ...] [--out DIR] [--force]
+  [--executor serial|process|ray] [--workers N] [--ray-address ADDR] [--gpus-per-cell G]``
+  — run a width study into ``DIR`` (default ``results/<name>``), resuming where it stopped.
+* ``ntk-tickets demo [--out DIR] [--force]`` — the ``demo`` and ``demo-tickets`` presets into
+  ``results/demo/paired`` and ``results/demo/tickets``, with summary tables and figures.
+* ``ntk-tickets summarize DIR`` — the scaling-exponent table (log–log slope against width
+  with a seed-bootstrap interval), printed and written to ``DIR/summary.csv``.
+* ``ntk-tickets plot DIR`` — the standard figures as PNG under ``DIR/figures/``.
 
 Exit status: 0 on success, 2 with one line on stderr for a user mistake (a bad field,
 file or value); never a traceback for those.
@@ -62,13 +66,14 @@ def _cmd_list(args: argparse.Namespace) -> None:
         print(f"{name:<24} {preset_description(name)}")
 
 
-def _run(spec: str, overrides: Sequence[str], out: str | None, force: bool) -> Path:
+def _run(spec: str, overrides: Sequence[str], out: str | None, force: bool,
+         **executor_options) -> Path:
     from ntk_tickets.results import load_records
     from ntk_tickets.study import resolve_config, run_study, ticket_table, width_table
 
     cfg = resolve_config(spec, overrides)
     out_dir = Path(out) if out else Path("results") / cfg.name
-    report = run_study(cfg, out_dir, force=force)
+    report = run_study(cfg, out_dir, force=force, **executor_options)
     records = load_records(out_dir)
     print(width_table(records))
     if cfg.tickets is not None:
@@ -82,13 +87,46 @@ def _run(spec: str, overrides: Sequence[str], out: str | None, force: bool) -> P
 
 
 def _cmd_run(args: argparse.Namespace) -> None:
-    _run(args.config, args.set, args.out, args.force)
+    _run(args.config, args.set, args.out, args.force, executor=args.executor,
+         workers=args.workers, ray_address=args.ray_address, gpus_per_cell=args.gpus_per_cell)
+
+
+def _figures(folder: Path) -> None:
+    from ntk_tickets.plotting import save_figures
+
+    paths = save_figures(folder)
+    print(f"figures: {len(paths)} PNG files in {folder / 'figures'}")
 
 
 def _cmd_demo(args: argparse.Namespace) -> None:
     out = Path(args.out or "results/demo")
-    _run("demo", [], str(out / "paired"), args.force)
-    _run("demo-tickets", [], str(out / "tickets"), args.force)
+    for preset, folder in (("demo", out / "paired"), ("demo-tickets", out / "tickets")):
+        _run(preset, [], str(folder), args.force)
+        _figures(folder)
+
+
+def _cmd_summarize(args: argparse.Namespace) -> None:
+    from ntk_tickets.results import load_records, save_output
+    from ntk_tickets.scaling import format_scaling_table, scaling_table
+
+    records = load_records(args.dir)
+    table = scaling_table(records, n_boot=args.n_boot)
+    print(f"log-log slope of each metric against width at the final step, "
+          f"{args.n_boot} bootstrap resamples of the seeds (95 % interval)")
+    print(format_scaling_table(table))
+    path = save_output(Path(args.dir) / "summary.csv", table.to_csv(index=False).encode())
+    print(f"summary: {path}")
+
+
+def _cmd_plot(args: argparse.Namespace) -> None:
+    _figures(Path(args.dir))
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive integer")
+    return value
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -117,8 +155,28 @@ def _parser() -> argparse.ArgumentParser:
                          "results/<name>; demo: DIR/paired and DIR/tickets under results/demo)")
         sub.add_argument("--force", action="store_true",
                          help="recompute, discarding earlier results in DIR")
+    run.add_argument("--executor", choices=("serial", "process", "ray"), default="serial",
+                     help="where cells run: this process (default), a spawn-based process "
+                          "pool, or Ray tasks")
+    run.add_argument("--workers", type=_positive_int, metavar="N",
+                     help="parallel workers (process pool; CPUs of a local Ray cluster); "
+                          "default: one per cell, at most the CPU count")
+    run.add_argument("--ray-address", metavar="ADDR",
+                     help="an existing Ray cluster (e.g. auto, ray://head:10001); default: "
+                          "start a local one")
+    run.add_argument("--gpus-per-cell", type=float, default=0.0, metavar="G",
+                     help="GPUs each Ray task asks for (default 0)")
     run.set_defaults(run=_cmd_run)
     demo.set_defaults(run=_cmd_demo)
+    summarize = commands.add_parser(
+        "summarize", help="scaling exponents (slope vs width, bootstrap CI) → DIR/summary.csv")
+    summarize.add_argument("dir", metavar="DIR", help="a results folder")
+    summarize.add_argument("--n-boot", type=_positive_int, default=1000, metavar="N",
+                           help="bootstrap resamples of the seeds (default 1000)")
+    summarize.set_defaults(run=_cmd_summarize)
+    plot = commands.add_parser("plot", help="the standard figures → DIR/figures/*.png")
+    plot.add_argument("dir", metavar="DIR", help="a results folder")
+    plot.set_defaults(run=_cmd_plot)
     return parser
 
 

@@ -227,6 +227,24 @@ def _atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     _fsync_dir(path.parent)
 
 
+def save_output(path: str | os.PathLike, data: bytes) -> Path:
+    """Writes a derived output of a results folder (``summary.csv``, ``figures/*.png``)
+    atomically, creating its parent folder.
+
+    Raises:
+      UserInputError: naming the file when it cannot be written (read-only folder, a file
+        in the way); nothing is left half-written.
+    """
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _atomic_write_bytes(path, data)
+    except OSError as e:
+        raise UserInputError(f"cannot write {str(path)!r} ({e.strerror or e}): make the "
+                             "folder writable or copy the results folder elsewhere") from e
+    return path
+
+
 def _fsync_dir(path: Path) -> None:
     """Makes a rename in ``path`` durable, where the file system allows it."""
     with contextlib.suppress(OSError):

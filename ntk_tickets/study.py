@@ -11,8 +11,6 @@ import contextlib
 import dataclasses
 import importlib.resources
 import os
-import sys
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -26,9 +24,9 @@ from ntk_tickets.config import (
 )
 from ntk_tickets.data import load_dataset
 from ntk_tickets.errors import UserInputError
-from ntk_tickets.experiments import run_paired_width
-from ntk_tickets.results import ResultsStore, records_frame
-from ntk_tickets.tickets import run_ticket_width
+from ntk_tickets.executors import execute_cells
+from ntk_tickets.progress import Progress
+from ntk_tickets.results import ResultsStore
 
 
 def preset_names() -> list[str]:
@@ -89,43 +87,59 @@ def cell_id(width: int) -> str:
 
 
 def run_study(cfg: StudyConfig, out_dir: str | Path, *, force: bool = False,
+              executor: str = "serial", workers: int | None = None,
+              ray_address: str | None = None, gpus_per_cell: float = 0.0,
               log: Callable[[str], None] | None = None) -> StudyReport:
-    """Runs every cell of a paired width study that ``out_dir`` does not hold yet.
+    """Runs every cell of a width study that ``out_dir`` does not hold yet.
+
+    Cells are written to the store as they finish, whichever executor computes them, so an
+    interrupted run loses at most the cells in flight.
 
     Args:
       cfg: the study config.
       out_dir: the results directory (created if needed).
       force: recompute everything, discarding earlier results in ``out_dir``.
-      log: receives one progress line per cell (default: print to stderr).
+      executor: ``"serial"``, ``"process"`` or ``"ray"``
+        (:func:`ntk_tickets.executors.execute_cells`).
+      workers: parallel workers for ``process`` and a local ``ray`` cluster.
+      ray_address: an existing Ray cluster to run on.
+      gpus_per_cell: GPUs each Ray task asks for.
+      log: receives one line per cell instead of the progress bar on stderr.
 
     Returns:
       A :class:`StudyReport`.
     """
-    log = log or (lambda line: print(line, file=sys.stderr, flush=True))
     x64 = x64_enabled(cfg)
     with jax.enable_x64(x64):
         data = load_dataset(cfg.data, cfg.train.loss)
-        report = StudyReport(Path(out_dir), [], [], {})
-        with contextlib.closing(ResultsStore(out_dir, config_to_dict(cfg), config_hash(cfg),
-                                             data.fingerprint, x64, force=force)) as store:
-            done = store.done_cells()
-            widths = cfg.model.widths
-            for i, width in enumerate(widths):
-                cid = cell_id(width)
-                if cid in done:
-                    report.skipped.append(cid)
-                    log(f"[{i + 1}/{len(widths)}] width {width}: already done, skipped")
-                    continue
-                start = time.perf_counter()
-                run_cell = run_paired_width if cfg.tickets is None else run_ticket_width
-                result = run_cell(cfg, data, width)
-                store.write_cell(cid, records_frame(result.rows), result.status,
-                                 result.compile_s, result.run_s, **result.info)
+    report = StudyReport(Path(out_dir), [], [], {})
+    with contextlib.closing(ResultsStore(out_dir, config_to_dict(cfg), config_hash(cfg),
+                                         data.fingerprint, x64, force=force)) as store:
+        done = store.done_cells()
+        report.skipped = [cell_id(w) for w in cfg.model.widths if cell_id(w) in done]
+        todo = [w for w in cfg.model.widths if cell_id(w) not in done]
+        progress = Progress([float(w) for w in todo], len(report.skipped),
+                            bar=False if log else None)
+        say = log or progress.log
+        if report.skipped:
+            say(f"{len(report.skipped)} of {len(cfg.model.widths)} cells already done in "
+                f"{out_dir}: {', '.join(report.skipped)} (use --force to recompute)")
+        progress.draw()
+        try:
+            for cell in execute_cells(cfg, todo, x64, executor=executor, data=data,
+                                      workers=workers, ray_address=ray_address,
+                                      gpus_per_cell=gpus_per_cell):
+                cid = cell_id(cell.width)
+                store.write_cell(cid, cell.records, cell.status, cell.compile_s, cell.run_s,
+                                 **cell.info)
                 report.computed.append(cid)
-                if result.status == "diverged":
-                    report.diverged[cid] = result.info["diverged_step"]
-                log(f"[{i + 1}/{len(widths)}] width {width}: {result.status} in "
-                    f"{time.perf_counter() - start:.1f} s (compile {result.compile_s:.1f} s)")
+                if cell.status == "diverged":
+                    report.diverged[cid] = cell.info["diverged_step"]
+                progress.advance(cell.width)
+                say(f"[{progress.done}/{progress.total}] width {cell.width}: {cell.status} "
+                    f"(compile {cell.compile_s:.1f} s, run {cell.run_s:.1f} s)")
+        finally:
+            progress.close()
     return report
 
 

@@ -1,0 +1,192 @@
+"""Where the cells of a study run: here, in a spawn-based process pool, or as Ray tasks.
+
+A cell (one width; seeds are vmapped inside it) is a pure function of the config, the width
+and the float64 flag: :func:`compute_cell`. The executors only decide where it runs and hand
+back :class:`CellOutput` values as cells finish, in completion order. The results store stays
+in the calling process (its one writer), so every executor writes the same files.
+
+* ``serial``: one cell after another in this process (the default; the dataset is loaded once).
+* ``process``: a ``multiprocessing`` pool started with ``spawn``, because JAX is not fork-safe
+  (a forked child inherits XLA's threads in an unknown state). Each worker imports JAX and
+  loads the dataset once. On a CPU every XLA process uses all cores, so more workers mostly
+  overlap one cell's compilation with another's run; on a multi-GPU machine give each worker
+  its own device (``CUDA_VISIBLE_DEVICES``) or use Ray.
+* ``ray``: each cell is a Ray task (``num_cpus=1``, ``num_gpus`` as asked) on an existing
+  cluster (``ray_address``, e.g. ``"auto"`` or ``"ray://head:10001"``) or on a local one
+  started here with ``workers`` CPUs. Every node needs the same ntk_tickets installed.
+
+Every executor computes the same numbers: a cell's records do not depend on where it ran.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import multiprocessing
+import os
+import socket
+import warnings
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from ntk_tickets.config import DataConfig, StudyConfig
+from ntk_tickets.data import Dataset, load_dataset
+from ntk_tickets.errors import UserInputError
+
+EXECUTORS = ("serial", "process", "ray")
+
+
+@dataclasses.dataclass(frozen=True)
+class CellOutput:
+    """One finished cell, ready for :meth:`ntk_tickets.results.ResultsStore.write_cell`.
+
+    Attributes:
+      width: the cell's width.
+      records: its tidy records (a DataFrame with the record columns).
+      status: ``"done"`` or ``"diverged"``.
+      compile_s: seconds spent compiling its training programs.
+      run_s: seconds spent running them (and the host work between them).
+      info: cell facts for the manifest (parameter count, divergence steps, the host, …).
+    """
+
+    width: int
+    records: Any
+    status: str
+    compile_s: float
+    run_s: float
+    info: dict[str, Any]
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_dataset(data: DataConfig, loss: str, x64: bool) -> Dataset:
+    import jax
+
+    with jax.enable_x64(x64):
+        return load_dataset(data, loss)
+
+
+def compute_cell(cfg: StudyConfig, width: int, x64: bool,
+                 data: Dataset | None = None) -> CellOutput:
+    """Runs the cell of one width: the paired study, or the ticket study if ``cfg.tickets``.
+
+    Args:
+      cfg: the study config.
+      width: hidden units (MLPs) or channels (CNNs).
+      x64: compute in float64.
+      data: the dataset, if already loaded (else loaded here, once per process).
+
+    Returns:
+      The cell's :class:`CellOutput`.
+    """
+    import jax
+
+    from ntk_tickets.experiments import run_paired_width
+    from ntk_tickets.results import records_frame
+    from ntk_tickets.tickets import run_ticket_width
+
+    data = data if data is not None else _cached_dataset(cfg.data, cfg.train.loss, x64)
+    run_cell = run_paired_width if cfg.tickets is None else run_ticket_width
+    with jax.enable_x64(x64):
+        result = run_cell(cfg, data, width)
+    return CellOutput(width, records_frame(result.rows), result.status, result.compile_s,
+                      result.run_s, {**result.info, "host": socket.gethostname()})
+
+
+def _serial(cfg: StudyConfig, widths: Sequence[int], x64: bool,
+            data: Dataset | None) -> Iterator[CellOutput]:
+    for width in widths:
+        yield compute_cell(cfg, width, x64, data)
+
+
+def _worker_init() -> None:
+    """Lets several processes share one GPU instead of each taking most of its memory."""
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+
+def _compute_cell_args(args: tuple[StudyConfig, int, bool]) -> CellOutput:
+    return compute_cell(*args)
+
+
+def _process_pool(cfg: StudyConfig, widths: Sequence[int], x64: bool,
+                  workers: int) -> Iterator[CellOutput]:
+    context = multiprocessing.get_context("spawn")
+    # Leaving the `with` (done, an error, Ctrl-C) terminates the workers.
+    with context.Pool(workers, initializer=_worker_init) as pool:
+        yield from pool.imap_unordered(_compute_cell_args, [(cfg, w, x64) for w in widths])
+
+
+def _ray_tasks(cfg: StudyConfig, widths: Sequence[int], x64: bool, workers: int,
+               address: str | None, gpus_per_cell: float) -> Iterator[CellOutput]:
+    import ray
+
+    started_here = not ray.is_initialized()
+    if started_here:
+        try:
+            with warnings.catch_warnings():
+                # Ray starts its daemons with fork + exec, which Python flags once JAX's
+                # threads exist; exec replaces the child at once, so nothing can deadlock.
+                warnings.filterwarnings("ignore", "os.fork", RuntimeWarning)
+                ray.init(address=address, num_cpus=None if address else workers,
+                         include_dashboard=False, logging_level="WARNING")
+        except (ConnectionError, ValueError, RuntimeError) as e:
+            raise UserInputError(f"cannot reach the Ray cluster at --ray-address {address!r} "
+                                 f"({e}); start one with `ray start --head` or leave "
+                                 "--ray-address out for a local cluster") from e
+    task = ray.remote(num_cpus=1, num_gpus=gpus_per_cell)(compute_cell)
+    pending = [task.remote(cfg, w, x64) for w in widths]
+    try:
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1)
+            try:
+                yield ray.get(ready[0])
+            except ray.exceptions.RayTaskError as e:
+                if isinstance(e.cause, UserInputError):
+                    raise e.cause from None
+                raise
+    finally:
+        for ref in pending:
+            ray.cancel(ref, force=True)
+        if started_here:
+            ray.shutdown()
+
+
+def execute_cells(cfg: StudyConfig, widths: Sequence[int], x64: bool, *,
+                  executor: str = "serial", data: Dataset | None = None,
+                  workers: int | None = None, ray_address: str | None = None,
+                  gpus_per_cell: float = 0.0) -> Iterator[CellOutput]:
+    """Computes the cells of ``widths`` on ``executor``, yielding each as it finishes.
+
+    Args:
+      cfg: the study config.
+      widths: the widths still to compute.
+      x64: compute in float64.
+      executor: ``"serial"``, ``"process"`` or ``"ray"`` (see the module docstring).
+      data: the loaded dataset (serial only; other executors load it in each worker).
+      workers: parallel workers (process pool size; CPUs of a local Ray cluster); default
+        the number of cells, at most the CPU count.
+      ray_address: an existing Ray cluster; None starts a local one.
+      gpus_per_cell: GPUs each Ray task asks for (0 on CPU machines).
+
+    Yields:
+      :class:`CellOutput` values in completion order (width order for ``serial``).
+
+    Raises:
+      UserInputError: for an unknown executor, ``workers < 1``, options that do not apply
+        to the executor, or an unreachable Ray cluster.
+    """
+    if executor not in EXECUTORS:
+        raise UserInputError(f"--executor {executor!r} is not one of {', '.join(EXECUTORS)}")
+    if workers is not None and workers < 1:
+        raise UserInputError(f"--workers {workers} must be at least 1")
+    if executor != "ray" and (ray_address or gpus_per_cell):
+        raise UserInputError("--ray-address and --gpus-per-cell need --executor ray")
+    if gpus_per_cell < 0:
+        raise UserInputError(f"--gpus-per-cell {gpus_per_cell} must not be negative")
+    if not widths:
+        return iter(())
+    workers = workers or max(1, min(len(widths), os.cpu_count() or 1))
+    if executor == "serial":
+        return _serial(cfg, widths, x64, data)
+    if executor == "process":
+        return _process_pool(cfg, widths, x64, workers)
+    return _ray_tasks(cfg, widths, x64, workers, ray_address, gpus_per_cell)
