@@ -32,6 +32,7 @@ from ntk_tickets.criteria import (
 )
 from ntk_tickets.data import Dataset, load_dataset
 from ntk_tickets.errors import UserInputError
+from ntk_tickets.executors import EXECUTORS, CellOutput, compute_cell, execute_cells
 from ntk_tickets.experiments import (
     CellResult,
     CellSetup,
@@ -68,6 +69,14 @@ from ntk_tickets.results import (
     load_manifest,
     load_records,
     records_frame,
+    save_output,
+)
+from ntk_tickets.scaling import (
+    SCALING_METRICS,
+    final_values,
+    fit_power_law,
+    format_scaling_table,
+    scaling_table,
 )
 from ntk_tickets.study import (
     preset_names,
@@ -88,6 +97,19 @@ from ntk_tickets.training import (
 
 __version__ = "0.1.0"
 
+# The figures need matplotlib and pandas (about a second to import): loaded on first use.
+_PLOTTING = ("loss_curves", "mask_overlap", "metric_vs_width", "perturbation_curves",
+             "save_figures", "study_figures", "ticket_accuracy")
+
+
+def __getattr__(name: str):
+    if name in _PLOTTING:
+        from ntk_tickets import plotting
+
+        return getattr(plotting, name)
+    raise AttributeError(f"module 'ntk_tickets' has no attribute {name!r}")
+
+
 __all__ = [
     "apply_mask",
     "apply_overrides",
@@ -95,9 +117,11 @@ __all__ = [
     "at_init_scores",
     "batch_order",
     "build_model",
+    "CellOutput",
     "CellResult",
     "CellSetup",
     "check_ntk_implementation",
+    "compute_cell",
     "config_from_dict",
     "config_hash",
     "config_to_dict",
@@ -108,7 +132,12 @@ __all__ = [
     "empirical_ntk",
     "empirical_ntk_predictions",
     "environment_info",
+    "execute_cells",
+    "EXECUTORS",
+    "final_values",
     "find_masks",
+    "fit_power_law",
+    "format_scaling_table",
     "grasp_scores",
     "infinite_width_predictions",
     "jaccard",
@@ -119,9 +148,12 @@ __all__ = [
     "load_manifest",
     "load_records",
     "log_spaced_steps",
+    "loss_curves",
     "magnitude_scores",
     "make_optimizer",
     "make_train_fn",
+    "mask_overlap",
+    "metric_vs_width",
     "Model",
     "ModelConfig",
     "nt",
@@ -132,6 +164,7 @@ __all__ = [
     "ones_like",
     "parameter_count",
     "parse_override",
+    "perturbation_curves",
     "perturbed_start",
     "preset_names",
     "prune_to_level",
@@ -146,13 +179,19 @@ __all__ = [
     "run_study",
     "run_ticket_width",
     "run_tickets",
+    "save_figures",
+    "save_output",
+    "SCALING_METRICS",
+    "scaling_table",
     "setup_cell",
     "shuffle_control",
     "snip_scores",
     "sparsity",
     "stax",
+    "study_figures",
     "StudyConfig",
     "synflow_scores",
+    "ticket_accuracy",
     "ticket_table",
     "TicketsConfig",
     "TrainConfig",

@@ -60,10 +60,12 @@ def _cmd_config(args: argparse.Namespace) -> None:
 
 
 def _cmd_list(args: argparse.Namespace) -> None:
-    from ntk_tickets.study import preset_description, preset_names
+    from ntk_tickets.study import preset_description, preset_names, preset_runtime
 
     for name in preset_names():
-        print(f"{name:<24} {preset_description(name)}")
+        runtime = preset_runtime(name)
+        print(f"{name:<30} {preset_description(name)}"
+              + (f" [{runtime} on 2 CPU cores]" if runtime else ""))
 
 
 def _run(spec: str, overrides: Sequence[str], out: str | None, force: bool,

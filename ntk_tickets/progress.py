@@ -1,14 +1,15 @@
 """A one-line progress bar for studies: cells done, elapsed time and an estimate of the rest.
 
-On a terminal the bar is redrawn in place as cells finish, with each cell's log line printed
-above it. Off a terminal (a log file, a pipe) or under CI (``CI`` set) there is no bar: only
-the log lines, one per cell.
+On a terminal the bar is redrawn in place every second (a cell can take minutes) and as cells
+finish, with each cell's log line printed above it. Off a terminal (a log file, a pipe) or
+under CI (``CI`` set) there is no bar: only the log lines, one per cell.
 """
 
 from __future__ import annotations
 
 import os
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from typing import TextIO
@@ -38,10 +39,12 @@ class Progress:
       already_done: cells found finished before this run (shown, not timed).
       stream: where to write (default stderr).
       bar: draw the bar; default :func:`bar_enabled`.
+      tick_s: seconds between redraws of the bar while a cell runs (None: only on events).
     """
 
     def __init__(self, weights: Sequence[float], already_done: int = 0, *,
-                 stream: TextIO | None = None, bar: bool | None = None):
+                 stream: TextIO | None = None, bar: bool | None = None,
+                 tick_s: float | None = 1.0):
         self.stream = stream or sys.stderr
         self.bar = bar_enabled(self.stream) if bar is None else bar
         self.total = len(weights) + already_done
@@ -49,6 +52,14 @@ class Progress:
         self.weight_left = float(sum(weights))
         self.weight_done = 0.0
         self.start = time.perf_counter()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        if self.bar and tick_s:
+            threading.Thread(target=self._tick, args=(tick_s,), daemon=True).start()
+
+    def _tick(self, tick_s: float) -> None:
+        while not self._stop.wait(tick_s):
+            self.draw()
 
     def eta_s(self) -> float | None:
         """Seconds left by the rate so far; None before the first cell finishes."""
@@ -67,16 +78,16 @@ class Progress:
 
     def log(self, message: str) -> None:
         """Prints ``message`` on its own line (above the bar when there is one)."""
-        if self.bar:
-            self.stream.write("\r\033[K")
-        self.stream.write(message + "\n")
+        with self._lock:
+            self.stream.write(("\r\033[K" if self.bar else "") + message + "\n")
         self.draw()
 
     def draw(self) -> None:
         """Redraws the bar (nothing without one)."""
-        if self.bar:
-            self.stream.write("\r\033[K" + self.line())
-        self.stream.flush()
+        with self._lock:
+            if self.bar and not self._stop.is_set():
+                self.stream.write("\r\033[K" + self.line())
+            self.stream.flush()
 
     def advance(self, weight: float) -> None:
         """Counts one more finished cell of ``weight`` and redraws."""
@@ -86,7 +97,10 @@ class Progress:
         self.draw()
 
     def close(self) -> None:
-        """Ends the bar's line."""
-        if self.bar:
-            self.stream.write("\n")
+        """Stops the redraws and ends the bar's line."""
+        self.draw()
+        self._stop.set()
+        with self._lock:
+            if self.bar:
+                self.stream.write("\n")
             self.stream.flush()

@@ -515,6 +515,9 @@ class ResultsStore:
             self._manifest = self._open(dict(config), config_hash, data_fingerprint,
                                         bool(x64), force)
             self._reconcile()
+            # Written only once everything on disk has been checked: a refused open
+            # (another study, a corrupted file) leaves the folder exactly as it was.
+            self._write_manifest(self._manifest)
         except BaseException:
             self.close()
             raise
@@ -536,7 +539,6 @@ class ResultsStore:
         else:
             self._check_same_study(old, config_hash, data_fingerprint, x64)
             manifest = {**old, "config": config, "environment": env}
-        self._write_manifest(manifest)
         return manifest
 
     def _existing_manifest(self) -> dict[str, Any] | None:
@@ -583,7 +585,7 @@ class ResultsStore:
                 if _CELL_ID.fullmatch(p.stem)}
 
     def _reconcile(self) -> None:
-        """Makes the manifest and records.parquet agree with the cell files."""
+        """Makes the manifest (in memory) and records.parquet agree with the cell files."""
         (self.path / CELLS).mkdir(exist_ok=True)
         for folder in (self.path, self.path / CELLS):
             for tmp in folder.glob(f".*{_TMP_SUFFIX}"):  # left by a crash mid-write
@@ -591,20 +593,15 @@ class ResultsStore:
         files = self._cell_files()
         rows = {cid: self._cell_rows(p) for cid, p in files.items()}
         cells = self._manifest["cells"]
-        changed = False
         for cid in files:
             if cells.get(cid, {}).get("status") not in FINISHED:
                 cells[cid] = {"status": "done", "compile_s": None, "run_s": None,
                               "rows": rows[cid], "finished": None, "reconciled": True}
-                changed = True
         for cid in [c for c, entry in cells.items() if entry.get("status") in FINISHED]:
             if cid not in files:
                 del cells[cid]
-                changed = True
         if self._records_rows() != (sum(rows.values()) if files else None):
             self._write_records()
-        if changed:
-            self._write_manifest(self._manifest)
 
     def _cell_rows(self, file: Path) -> int:
         try:

@@ -40,12 +40,30 @@ def _preset_path(name: str):
     return importlib.resources.files("ntk_tickets") / "presets" / f"{name}.toml"
 
 
-def preset_description(name: str) -> str:
-    """The first comment line of a preset file."""
+def _preset_comments(name: str) -> list[str]:
+    """The leading comment lines of a preset file, without the ``#``."""
+    lines = []
     for line in _preset_path(name).read_text().splitlines():
-        if line.startswith("#"):
-            return line.lstrip("# ").strip()
-    return ""
+        if not line.startswith("#"):
+            break
+        lines.append(line.lstrip("#").strip())
+    return lines
+
+
+def preset_description(name: str) -> str:
+    """The first comment line of a preset file: what the preset studies, in one line."""
+    comments = _preset_comments(name)
+    return comments[0] if comments else ""
+
+
+def preset_runtime(name: str) -> str:
+    """The measured runtime a preset documents (its ``# Runtime on 2 CPU cores: …`` line,
+    e.g. ``"about 2 min"``), or an empty string."""
+    text = " ".join(_preset_comments(name))
+    marker = "Runtime on 2 CPU cores:"
+    if marker not in text:
+        return ""
+    return text.split(marker, 1)[1].split(".")[0].strip()
 
 
 def resolve_config(spec: str, overrides: Sequence[str] = ()) -> StudyConfig:

@@ -2,6 +2,7 @@
 
 import io
 import shutil
+import time
 
 import pandas as pd
 import pytest
@@ -101,7 +102,7 @@ def test_progress_estimates_time_left_from_cell_weights(monkeypatch):
     now = [100.0]
     monkeypatch.setattr("ntk_tickets.progress.time.perf_counter", lambda: now[0])
     stream = io.StringIO()
-    progress = Progress([1.0, 3.0], already_done=1, stream=stream, bar=True)
+    progress = Progress([1.0, 3.0], already_done=1, stream=stream, bar=True, tick_s=None)
     assert progress.eta_s() is None and "ETA ?" in progress.line()
     now[0] += 10.0
     progress.advance(1.0)  # 10 s for weight 1, weight 3 left: 30 s to go
@@ -130,3 +131,15 @@ def test_no_bar_off_a_terminal_or_under_ci(monkeypatch):
     assert not bar_enabled(Terminal())
     monkeypatch.delenv("CI")
     assert bar_enabled(Terminal())
+
+
+def test_bar_is_redrawn_while_a_cell_runs():
+    stream = io.StringIO()
+    progress = Progress([1.0], stream=stream, bar=True, tick_s=0.01)
+    time.sleep(0.2)
+    progress.close()
+    text = stream.getvalue()
+    assert text.count("0/1 cells") >= 3  # redrawn by the ticker, not only on events
+    after = len(text)
+    time.sleep(0.05)
+    assert len(stream.getvalue()) == after and text.endswith("\n")  # stopped by close()
