@@ -162,6 +162,66 @@ def empirical_ntk(apply_fn: Callable, params: PyTree, x1: jax.Array,
     return _blocked_ntk(ntk_fn, params, x1, x1 if x2 is None else x2, block)
 
 
+def probe_ntk(apply_fn: Callable, params: PyTree, x_probe: jax.Array) -> jax.Array:
+    """The traced empirical NTK on a small probe set, in memory linear in the parameters.
+
+    Row i is (1/k) Σ_o J_o(x_probe) · ∇θ f_o(x_i): the k gradients of one probe output are
+    taken by reverse mode, then pushed through all probe inputs by forward mode, one probe
+    point after another (``lax.map``). Peak memory is about k parameter vectors, against
+    m·k for Jacobian contraction, so it runs inside a seed-vmapped training scan at widths
+    where the full probe Jacobian would not fit. Equal to
+    ``empirical_ntk(apply_fn, params, x_probe)``.
+
+    Args:
+      apply_fn: ``(params, x) -> (n, k)`` outputs.
+      params: θ.
+      x_probe: ``(m, ...)`` probe inputs.
+
+    Returns:
+      ``(m, m)``, the kernel averaged over the k outputs.
+    """
+
+    def f(p: PyTree) -> jax.Array:
+        return apply_fn(p, x_probe)
+
+    def row(x_i: jax.Array) -> jax.Array:
+        grads = jax.jacrev(lambda p: apply_fn(p, x_i[None])[0])(params)  # k × θ
+        n_out = jax.tree_util.tree_leaves(grads)[0].shape[0]
+        pushed = jax.vmap(lambda t: jax.jvp(f, (params,), (t,))[1])(grads)  # (k, m, k)
+        return jnp.trace(pushed, axis1=0, axis2=2) / n_out  # Σ_o over matching outputs
+
+    return jax.lax.map(row, x_probe)
+
+
+def probe_kernel(apply_fn: Callable, params: PyTree, x_probe: jax.Array, *, n_seeds: int = 1,
+                 max_bytes: int = 2**32) -> jax.Array:
+    """The traced empirical NTK on the probe set, by the fastest method that fits in memory.
+
+    Jacobian contraction (:func:`empirical_ntk`) when ``n_seeds`` copies of its estimated
+    memory (:func:`ntk_memory_bytes`; the copies run side by side under a seed ``vmap``) fit
+    in ``max_bytes``; otherwise :func:`probe_ntk`, which needs about k parameter vectors per
+    seed but runs one probe point after another (slower by roughly the probe size).
+
+    Args:
+      apply_fn: ``(params, x) -> (n, k)`` outputs.
+      params: θ of one seed.
+      x_probe: ``(m, ...)`` probe inputs.
+      n_seeds: how many seeds compute it at once.
+      max_bytes: the memory budget of all seeds together.
+
+    Returns:
+      ``(m, m)``, the kernel averaged over the k outputs.
+    """
+    out = jax.eval_shape(apply_fn, params, x_probe[:1])
+    m = x_probe.shape[0]
+    need = n_seeds * ntk_memory_bytes(m, m, math.prod(out.shape[1:]), parameter_count(params),
+                                      out.dtype.itemsize)
+    if need <= max_bytes:
+        return empirical_ntk(apply_fn, params, x_probe, implementation="jacobian_contraction",
+                             max_bytes=max_bytes)
+    return probe_ntk(apply_fn, params, x_probe)
+
+
 def relative_frobenius(a: jax.Array, b: jax.Array) -> jax.Array:
     """‖a − b‖_F / ‖b‖_F over all entries (any equal shapes)."""
     return jnp.linalg.norm((a - b).ravel()) / jnp.linalg.norm(b.ravel())

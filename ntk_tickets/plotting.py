@@ -1,20 +1,22 @@
 """The standard figures of a results directory, as matplotlib ``Figure`` objects.
 
 Every function takes the tidy records of a study (:func:`ntk_tickets.results.load_records`)
-and returns a :class:`matplotlib.figure.Figure` built without pyplot, so a notebook shows it
-by evaluating it and :func:`save_figures` writes it with the Agg canvas; no global state is
-touched and nothing needs closing. Values "at the final step" are those at the last recorded
-step of each (width, seed, path, mask, round, split, metric, ε), the convention of
-:mod:`ntk_tickets.scaling`. Classification studies are scored by test accuracy; regression
-studies (no accuracy records) by test loss.
+and returns a :class:`matplotlib.figure.Figure` built without pyplot: no global state is
+touched and nothing needs closing. :func:`save_figures` writes them with the Agg canvas; a
+notebook shows one by evaluating it once the inline backend is on (``%matplotlib inline``,
+or any ``import matplotlib.pyplot`` in Jupyter). Values "at the final step" are those at
+the last recorded step of each (width, seed, path, mask, round, split, metric, ε), the
+convention of :mod:`ntk_tickets.scaling`. Classification studies are scored by test
+accuracy; regression studies (no accuracy records) by test loss.
 
 The figures and the picture each one tests:
 
 - :func:`loss_curves`: training curves of every path, one panel per width (does the
   linearized network train like the exact one?);
 - :func:`metric_vs_width`: a metric at the final step against width on log–log axes with
-  its power-law fit, e.g. the relative weight change ‖θ_T − θ0‖ / ‖θ0‖ ∝ n^slope (the
-  tangent-space picture predicts slope −1/2 under the NTK parameterization);
+  its power-law fit, e.g. the relative weight change ‖θ_T − θ0‖ / ‖θ0‖ ∝ n^slope (under
+  the NTK parameterization the tangent-space picture predicts n^−1/2 for the input and
+  readout layers and n^−1 for hidden n × n layers, whose ‖W0‖ grows like n);
 - :func:`ticket_accuracy`: test accuracy of tickets and controls against sparsity;
 - :func:`mask_overlap`: Jaccard overlap of the linear-path and exact-path IMP masks;
 - :func:`perturbation_curves`: the ticket's accuracy when its complement is set to ε·ξ;
@@ -105,6 +107,11 @@ def metric_label(metric: str) -> str:
     if layer and base in _METRIC_LABELS:
         return f"{_METRIC_LABELS[base]}, layer {layer}"
     return metric.replace("_", " ")
+
+
+def _path_color(path: str) -> str:
+    """The same colour for a path in every figure (grey for a path outside ``PATH_ORDER``)."""
+    return f"C{PATH_ORDER.index(path)}" if path in PATH_ORDER else "C7"
 
 
 def _ordered(names, first: Sequence[str] = (), last: Sequence[str] = ()) -> list[str]:
@@ -199,13 +206,14 @@ def loss_curves(records: pd.DataFrame, *, metric: str = "loss", split: str = "te
     stats = _seed_stats(rows, ["width", "path", "step"])
     fig, axes = _panels(len(widths))
     for ax, width in zip(axes, widths, strict=True):
-        for i, path in enumerate(paths):
+        for path in paths:
             s = stats[(stats["width"] == width) & (stats["path"] == path)]
             if s.empty:
                 continue
             x = s["step"].to_numpy() + 1
-            ax.plot(x, s["mean"], color=f"C{i}", label=path)
-            ax.fill_between(x, s["min"], s["max"], color=f"C{i}", alpha=0.2, linewidth=0)
+            color = _path_color(path)
+            ax.plot(x, s["mean"], color=color, label=path)
+            ax.fill_between(x, s["min"], s["max"], color=color, alpha=0.2, linewidth=0)
         ax.set_xscale("log")
         ax.set_title(f"width {width}")
         ax.set_xlabel("training step + 1 (log scale)")
@@ -288,9 +296,9 @@ def metric_vs_width(records: pd.DataFrame, metric: str, *, summary: pd.DataFrame
         summary = scaling_table(records, metrics=[metric])
     fig = Figure(figsize=(5.6, 4.4), layout="constrained")
     ax = fig.subplots()
-    for i, path in enumerate(_ordered(rows["path"].unique(), PATH_ORDER)):
+    for path in _ordered(rows["path"].unique(), PATH_ORDER):
         values = rows[rows["path"] == path]
-        color = f"C{i}"
+        color = _path_color(path)
         ax.scatter(values["width"], values["value"], color=color, alpha=0.3, s=12,
                    linewidths=0)
         log_mean = values.assign(value=np.log(values["value"])).groupby("width")["value"].mean()

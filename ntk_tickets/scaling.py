@@ -1,8 +1,9 @@
 """Scaling exponents: log–log slopes of a metric against width, with bootstrap intervals.
 
-The tangent-space picture (Lee et al. 2019, arXiv 1902.06720) predicts power laws in width n:
-the relative weight change and the NTK change shrink like n^(-1/2) under the NTK
-parameterization, and so does the gap between the exact and the linearized network. This
+The tangent-space picture (Lee et al. 2019, arXiv 1902.06720) predicts power laws in width n
+under the NTK parameterization: the NTK change and the gap between the exact and the
+linearized network shrink like n^(-1/2), and so does the relative weight change of the input
+and readout layers, while a hidden n × n layer, whose ‖W0‖_F grows like n, moves like n^(-1). This
 module fits ``log value = intercept + slope · log width`` to the final step of each width and
 puts a confidence interval on the slope by resampling seeds (a cluster bootstrap: one draw of
 seeds, with replacement, is used at every width).

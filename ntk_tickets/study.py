@@ -57,13 +57,13 @@ def preset_description(name: str) -> str:
 
 
 def preset_runtime(name: str) -> str:
-    """The measured runtime a preset documents (its ``# Runtime on 2 CPU cores: …`` line,
-    e.g. ``"about 2 min"``), or an empty string."""
+    """The runtime a preset documents (its ``# Runtime on 2 CPU cores: …`` comment, up to
+    the first period or parenthesis, e.g. ``"about 2 min"``), or an empty string."""
     text = " ".join(_preset_comments(name))
     marker = "Runtime on 2 CPU cores:"
     if marker not in text:
         return ""
-    return text.split(marker, 1)[1].split(".")[0].strip()
+    return text.split(marker, 1)[1].split(".")[0].split(" (")[0].strip()
 
 
 def resolve_config(spec: str, overrides: Sequence[str] = ()) -> StudyConfig:

@@ -43,3 +43,15 @@ def test_python_dash_m_entry_point():
                          capture_output=True, text=True)
     assert out.returncode == 2
     assert out.stderr.startswith("ntk-tickets: error: config file 'nowhere.toml'")
+
+
+def test_list_shows_every_preset_with_its_runtime(capsys):
+    from ntk_tickets.study import preset_names, preset_runtime, resolve_config
+
+    assert main(["list"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == len(preset_names()) >= 7
+    for name, line in zip(preset_names(), lines, strict=True):
+        resolve_config(name)  # every preset is a valid config
+        assert line.startswith(name) and preset_runtime(name).startswith("about ")
+        assert line.endswith(f"[{preset_runtime(name)} on 2 CPU cores]")

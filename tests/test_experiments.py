@@ -160,12 +160,6 @@ def test_run_bad_input_exits_2_with_one_line(tmp_path, capsys, args, fragment):
     assert fragment in err and err.count("\n") == 1
 
 
-def test_list_shows_presets(capsys):
-    assert main(["list"]) == 0
-    out = capsys.readouterr().out
-    assert out.startswith("demo ") and "linearization-scaling" in out
-
-
 def test_ntk_change_is_recorded_at_every_step_and_grows_from_zero(scaling_records):
     records, _ = scaling_records
     change = records[records.metric == "ntk_change"]

@@ -20,6 +20,8 @@ from ntk_tickets.kernels import (
     ntk_change,
     ntk_init_error,
     ntk_memory_bytes,
+    probe_kernel,
+    probe_ntk,
     relative_frobenius,
 )
 from ntk_tickets.linear import linearize
@@ -75,6 +77,25 @@ def test_empirical_ntk_matches_jacobian_product_also_when_chunked(float64, trace
         assert ntk.shape == reference.shape and ntk_sym.shape == reference_sym.shape
         np.testing.assert_allclose(ntk, reference, rtol=1e-10, atol=1e-12)
         np.testing.assert_allclose(ntk_sym, reference_sym, rtol=1e-10, atol=1e-12)
+
+
+def test_probe_ntk_matches_jacobian_product_and_vmaps_over_seeds(x64):
+    model = _small_mlp()
+    params = jax.vmap(model.init)(jax.random.split(jax.random.PRNGKey(0), 2))
+    x_probe = _inputs(3, 4)
+    kernels = jax.jit(jax.vmap(lambda p: probe_ntk(model.apply_fn, p, x_probe)))(params)
+    assert kernels.shape == (2, 4, 4)
+    for seed in range(2):
+        theta = jax.tree_util.tree_map(lambda a, s=seed: a[s], params)
+        full = _jacobian_ntk(model.apply_fn, theta, x_probe, x_probe)
+        reference = jnp.einsum("ijkk->ij", full) / 3  # averaged over the 3 outputs
+        tol = 1e-12 if x64 else 1e-5
+        np.testing.assert_allclose(kernels[seed], reference, rtol=tol, atol=tol)
+        # Both branches of probe_kernel: contraction within the budget, probe_ntk above it.
+        for max_bytes in (2**31, 1):
+            kernel = probe_kernel(model.apply_fn, theta, x_probe, n_seeds=2,
+                                  max_bytes=max_bytes)
+            np.testing.assert_allclose(kernel, reference, rtol=tol, atol=tol)
 
 
 def test_empirical_ntk_refuses_when_one_row_does_not_fit():
