@@ -47,7 +47,6 @@ from ntk_tickets.kernels import (
     infinite_width_predictions,
     ntk_change,
     ntk_init_error,
-    probe_kernel,
     probe_ntk,
 )
 from ntk_tickets.linear import linearize
@@ -170,7 +169,6 @@ __all__ = [
     "perturbed_start",
     "preset_names",
     "prune_to_level",
-    "probe_kernel",
     "probe_ntk",
     "PruningSpec",
     "random_control",

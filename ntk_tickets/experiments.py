@@ -177,8 +177,7 @@ def training_programs(cfg: StudyConfig, model: Model,
     if "exact" in cfg.paths:
         probe = None
         if "ntk_change" in cfg.metrics:
-            probe = functools.partial(kernels.probe_kernel, model.apply_fn,
-                                      n_seeds=len(cfg.train.seeds))
+            probe = functools.partial(kernels.probe_ntk, model.apply_fn)
         programs["exact"] = TrainingProgram(lambda p, p0, x: model.apply_fn(p, x), cfg.train,
                                             steps, probe_kernel_fn=probe)
     if "linear" in cfg.paths:
