@@ -150,8 +150,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("config", metavar="PRESET_OR_CONFIG")
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                      help="override a config field, e.g. --set model.widths=[64,256]")
-    demo = commands.add_parser("demo", help="a one-minute paired width study and ticket "
-                                            "comparison on digits")
+    demo = commands.add_parser("demo", help="a short paired width study and ticket comparison "
+                                            "on digits, with figures")
     for sub in (run, demo):
         sub.add_argument("--out", metavar="DIR", help="results directory (default "
                          "results/<name>; demo: DIR/paired and DIR/tickets under results/demo)")

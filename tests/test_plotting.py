@@ -1,8 +1,10 @@
 """Figures of a results folder, checked against the synthetic records they are drawn from:
 the line data read back from the axes, the scales, labels and legends, and the PNG files."""
 
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -337,3 +339,17 @@ def test_figures_are_drawn_and_saved_without_pyplot(tmp_path):
         "assert 'matplotlib.pyplot' not in sys.modules\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=tmp_path)
+
+
+def test_every_gallery_image_in_the_readme_is_committed():
+    # The README's gallery links PNGs under results/; each must exist and not be git-ignored,
+    # or the gallery is broken on a fresh clone.
+    root = Path(__file__).resolve().parents[1]
+    images = re.findall(r"!\[[^\]]*\]\(([^)]+\.png)\)", (root / "README.md").read_text())
+    assert len(images) >= 7
+    for image in images:
+        assert (root / image).is_file(), image
+    if (root / ".git").exists():
+        ignored = subprocess.run(["git", "check-ignore", *images], cwd=root,
+                                 capture_output=True, text=True).stdout.split()
+        assert ignored == [], f"git ignores gallery images: {ignored}"
