@@ -14,7 +14,7 @@ Commands available now:
 * ``ntk-tickets demo [--out DIR] [--force]`` — the ``demo`` and ``demo-tickets`` presets into
   ``results/demo/paired`` and ``results/demo/tickets``, with summary tables and figures.
 * ``ntk-tickets summarize DIR`` — the scaling-exponent table (log–log slope against width
-  with a seed-bootstrap interval), printed and written to ``DIR/summary.csv``.
+  with a 95 % interval over seeds), printed and written to ``DIR/summary.csv``.
 * ``ntk-tickets plot DIR`` — the standard figures as PNG under ``DIR/figures/``.
 
 Exit status: 0 on success, 2 with one line on stderr for a user mistake (a bad field,
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -112,9 +113,11 @@ def _cmd_summarize(args: argparse.Namespace) -> None:
     from ntk_tickets.scaling import format_scaling_table, scaling_table
 
     records = load_records(args.dir)
-    table = scaling_table(records, n_boot=args.n_boot)
+    table = scaling_table(records, ci_method=args.ci_method, n_boot=args.n_boot)
+    interval = ("Student t over the per-seed slopes" if args.ci_method == "t"
+                else f"{args.n_boot} bootstrap resamples of the seeds")
     print(f"log-log slope of each metric against width at the final step, "
-          f"{args.n_boot} bootstrap resamples of the seeds (95 % interval)")
+          f"95 % interval: {interval}")
     print(format_scaling_table(table))
     path = save_output(Path(args.dir) / "summary.csv", table.to_csv(index=False).encode())
     print(f"summary: {path}")
@@ -131,8 +134,18 @@ def _positive_int(text: str) -> int:
     return value
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a usage mistake reported like every other user mistake: one line."""
+
+    def error(self, message: str):
+        raise UserInputError(f"{message} (see `{self.prog} --help`)")
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    from ntk_tickets.executors import EXECUTORS
+    from ntk_tickets.scaling import CI_METHODS
+
+    parser = _Parser(
         prog="ntk-tickets",
         description="Lottery tickets, linearized networks and infinite-width kernels, "
                     "side by side as width grows.",
@@ -157,7 +170,7 @@ def _parser() -> argparse.ArgumentParser:
                          "results/<name>; demo: DIR/paired and DIR/tickets under results/demo)")
         sub.add_argument("--force", action="store_true",
                          help="recompute, discarding earlier results in DIR")
-    run.add_argument("--executor", choices=("serial", "process", "ray"), default="serial",
+    run.add_argument("--executor", choices=EXECUTORS, default="serial",
                      help="where cells run: this process (default), a spawn-based process "
                           "pool, or Ray tasks")
     run.add_argument("--workers", type=_positive_int, metavar="N",
@@ -171,8 +184,13 @@ def _parser() -> argparse.ArgumentParser:
     run.set_defaults(run=_cmd_run)
     demo.set_defaults(run=_cmd_demo)
     summarize = commands.add_parser(
-        "summarize", help="scaling exponents (slope vs width, bootstrap CI) → DIR/summary.csv")
+        "summarize", help="scaling exponents (slope vs width, 95 %% CI over seeds) → "
+                          "DIR/summary.csv")
     summarize.add_argument("dir", metavar="DIR", help="a results folder")
+    summarize.add_argument("--ci-method", choices=CI_METHODS, default="t",
+                           help="t: Student t over the per-seed slopes (default); bootstrap: "
+                                "percentile interval of a seed bootstrap (too narrow with "
+                                "few seeds)")
     summarize.add_argument("--n-boot", type=_positive_int, default=1000, metavar="N",
                            help="bootstrap resamples of the seeds (default 1000)")
     summarize.set_defaults(run=_cmd_summarize)
@@ -184,12 +202,15 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs the CLI; returns the exit status (0 ok, 2 bad input)."""
-    args = _parser().parse_args(argv)
     try:
+        args = _parser().parse_args(argv)
         args.run(args)
     except UserInputError as e:
         print(f"ntk-tickets: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader went away (e.g. `ntk-tickets list | head -1`)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     return 0
 
 

@@ -6,11 +6,11 @@ back :class:`CellOutput` values as cells finish, in completion order. The result
 in the calling process (its one writer), so every executor writes the same files.
 
 * ``serial``: one cell after another in this process (the default; the dataset is loaded once).
-* ``process``: a ``multiprocessing`` pool started with ``spawn``, because JAX is not fork-safe
-  (a forked child inherits XLA's threads in an unknown state). Each worker imports JAX and
-  loads the dataset once. On a CPU every XLA process uses all cores, so more workers mostly
-  overlap one cell's compilation with another's run; on a multi-GPU machine give each worker
-  its own device (``CUDA_VISIBLE_DEVICES``) or use Ray.
+* ``process``: a ``concurrent.futures`` process pool started with ``spawn``, because JAX is
+  not fork-safe (a forked child inherits XLA's threads in an unknown state). Each worker
+  imports JAX and loads the dataset once. On a CPU every XLA process uses all cores, so more
+  workers mostly overlap one cell's compilation with another's run; on a multi-GPU machine
+  give each worker its own device (``CUDA_VISIBLE_DEVICES``) or use Ray.
 * ``ray``: each cell is a Ray task (``num_cpus=1``, ``num_gpus`` as asked) on an existing
   cluster (``ray_address``, e.g. ``"auto"`` or ``"ray://head:10001"``) or on a local one
   started here with ``workers`` CPUs. Every node needs the same ntk_tickets installed.
@@ -20,13 +20,17 @@ Every executor computes the same numbers: a cell's records do not depend on wher
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import dataclasses
 import functools
+import math
 import multiprocessing
 import os
 import socket
 import warnings
 from collections.abc import Iterator, Sequence
+from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
 from ntk_tickets.config import DataConfig, StudyConfig
@@ -107,47 +111,116 @@ def _compute_cell_args(args: tuple[StudyConfig, int, bool]) -> CellOutput:
     return compute_cell(*args)
 
 
-def _process_pool(cfg: StudyConfig, widths: Sequence[int], x64: bool,
-                  workers: int) -> Iterator[CellOutput]:
+def _process_pool(cfg: StudyConfig, widths: Sequence[int], x64: bool, workers: int,
+                  cell_fn=_compute_cell_args) -> Iterator[CellOutput]:
+    """``cell_fn((cfg, width, x64))`` in a spawn-based pool, yielding results as they finish.
+
+    A worker that dies (killed, out of memory, a crash inside XLA) raises ``RuntimeError``
+    instead of leaving the run waiting forever; the cells finished before are kept. An error
+    inside a cell is raised once the cells already running have finished.
+    """
     context = multiprocessing.get_context("spawn")
-    # Leaving the `with` (done, an error, Ctrl-C) terminates the workers.
-    with context.Pool(workers, initializer=_worker_init) as pool:
-        yield from pool.imap_unordered(_compute_cell_args, [(cfg, w, x64) for w in widths])
+    # Leaving the `with` (done, an error, Ctrl-C) cancels the cells not started yet.
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context,
+                                                initializer=_worker_init) as pool:
+        futures = {pool.submit(cell_fn, (cfg, w, x64)): w for w in widths}
+        try:
+            for future in concurrent.futures.as_completed(futures):
+                try:
+                    yield future.result()
+                except BrokenProcessPool as e:
+                    raise RuntimeError(
+                        f"a worker process died while computing width {futures[future]} "
+                        "(out of memory?); finished cells are saved: run again to resume, "
+                        "with fewer --workers") from e
+        finally:
+            for future in futures:
+                future.cancel()
+
+
+def _ray_address(address: str | None) -> str | None:
+    """The cluster Ray will join: ``address``, else the ``RAY_ADDRESS`` environment variable."""
+    return address or os.environ.get("RAY_ADDRESS") or None
+
+
+@contextlib.contextmanager
+def ray_cluster(address: str | None = None, workers: int = 1) -> Iterator[None]:
+    """Ray, ready for tasks, for the duration of the ``with`` block.
+
+    Joins the cluster at ``address`` (or ``RAY_ADDRESS``), or starts a local one with
+    ``workers`` CPUs, and shuts down what it started; if Ray is already initialized, uses it
+    as it is.
+
+    Raises:
+      UserInputError: when the cluster cannot be reached.
+    """
+    import ray
+
+    if ray.is_initialized():
+        yield
+        return
+    joined = _ray_address(address)
+    try:
+        with warnings.catch_warnings():
+            # Ray starts its daemons with fork + exec, which Python flags once JAX's threads
+            # exist; exec replaces the child at once, so nothing can deadlock.
+            warnings.filterwarnings("ignore", "os.fork", RuntimeWarning)
+            ray.init(address=address, num_cpus=None if joined else workers,
+                     include_dashboard=False, logging_level="WARNING")
+    except (ConnectionError, ValueError, RuntimeError) as e:
+        raise UserInputError(f"cannot reach the Ray cluster at {joined!r} (--ray-address or "
+                             f"RAY_ADDRESS) ({e}); start one with `ray start --head`, or leave "
+                             "both unset for a local cluster") from e
+    try:
+        yield
+    finally:
+        ray.shutdown()
 
 
 def _ray_tasks(cfg: StudyConfig, widths: Sequence[int], x64: bool, workers: int,
                address: str | None, gpus_per_cell: float) -> Iterator[CellOutput]:
     import ray
 
-    started_here = not ray.is_initialized()
-    if started_here:
+    with ray_cluster(address, workers):
+        task = ray.remote(num_cpus=1, num_gpus=gpus_per_cell)(compute_cell)
+        pending = [task.remote(cfg, w, x64) for w in widths]
         try:
-            with warnings.catch_warnings():
-                # Ray starts its daemons with fork + exec, which Python flags once JAX's
-                # threads exist; exec replaces the child at once, so nothing can deadlock.
-                warnings.filterwarnings("ignore", "os.fork", RuntimeWarning)
-                ray.init(address=address, num_cpus=None if address else workers,
-                         include_dashboard=False, logging_level="WARNING")
-        except (ConnectionError, ValueError, RuntimeError) as e:
-            raise UserInputError(f"cannot reach the Ray cluster at --ray-address {address!r} "
-                                 f"({e}); start one with `ray start --head` or leave "
-                                 "--ray-address out for a local cluster") from e
-    task = ray.remote(num_cpus=1, num_gpus=gpus_per_cell)(compute_cell)
-    pending = [task.remote(cfg, w, x64) for w in widths]
-    try:
-        while pending:
-            ready, pending = ray.wait(pending, num_returns=1)
-            try:
-                yield ray.get(ready[0])
-            except ray.exceptions.RayTaskError as e:
-                if isinstance(e.cause, UserInputError):
-                    raise e.cause from None
-                raise
-    finally:
-        for ref in pending:
-            ray.cancel(ref, force=True)
-        if started_here:
-            ray.shutdown()
+            while pending:
+                ready, pending = ray.wait(pending, num_returns=1)
+                try:
+                    yield ray.get(ready[0])
+                except ray.exceptions.RayTaskError as e:
+                    if isinstance(e.cause, UserInputError):
+                        raise e.cause from None
+                    raise
+        finally:
+            for ref in pending:
+                ray.cancel(ref, force=True)
+
+
+def check_executor_options(executor: str = "serial", workers: int | None = None,
+                           ray_address: str | None = None,
+                           gpus_per_cell: float = 0.0) -> None:
+    """Refuses executor options that cannot work, before any work or file is touched.
+
+    Raises:
+      UserInputError: for an unknown executor, ``workers < 1``, Ray options without
+        ``executor="ray"``, or a negative or non-finite ``gpus_per_cell``.
+    """
+    if executor not in EXECUTORS:
+        raise UserInputError(f"--executor {executor!r} is not one of {', '.join(EXECUTORS)}")
+    if workers is not None and workers < 1:
+        raise UserInputError(f"--workers {workers} must be at least 1")
+    if executor != "ray" and (ray_address or gpus_per_cell):
+        raise UserInputError("--ray-address and --gpus-per-cell need --executor ray")
+    if not math.isfinite(gpus_per_cell) or gpus_per_cell < 0:
+        raise UserInputError(f"--gpus-per-cell {gpus_per_cell} must be a finite number, "
+                             "0 or more")
+
+
+def default_workers(n_cells: int) -> int:
+    """One worker per cell, at most the CPU count."""
+    return max(1, min(n_cells, os.cpu_count() or 1))
 
 
 def execute_cells(cfg: StudyConfig, widths: Sequence[int], x64: bool, *,
@@ -171,20 +244,13 @@ def execute_cells(cfg: StudyConfig, widths: Sequence[int], x64: bool, *,
       :class:`CellOutput` values in completion order (width order for ``serial``).
 
     Raises:
-      UserInputError: for an unknown executor, ``workers < 1``, options that do not apply
-        to the executor, or an unreachable Ray cluster.
+      UserInputError: at once for options that :func:`check_executor_options` refuses; for
+        an unreachable Ray cluster when iteration starts.
     """
-    if executor not in EXECUTORS:
-        raise UserInputError(f"--executor {executor!r} is not one of {', '.join(EXECUTORS)}")
-    if workers is not None and workers < 1:
-        raise UserInputError(f"--workers {workers} must be at least 1")
-    if executor != "ray" and (ray_address or gpus_per_cell):
-        raise UserInputError("--ray-address and --gpus-per-cell need --executor ray")
-    if gpus_per_cell < 0:
-        raise UserInputError(f"--gpus-per-cell {gpus_per_cell} must not be negative")
+    check_executor_options(executor, workers, ray_address, gpus_per_cell)
     if not widths:
         return iter(())
-    workers = workers or max(1, min(len(widths), os.cpu_count() or 1))
+    workers = workers or default_workers(len(widths))
     if executor == "serial":
         return _serial(cfg, widths, x64, data)
     if executor == "process":

@@ -45,6 +45,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import NullLocator
 
 from ntk_tickets.errors import UserInputError
+from ntk_tickets.scaling import SCALING_METRICS, scaling_table
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -53,8 +54,6 @@ if TYPE_CHECKING:
 PATH_ORDER = ("exact", "linear", "entk", "ntk", "nngp")
 #: Control masks (drawn dotted, after the ticket families).
 CONTROL_MASKS = ("random", "shuffle", "reinit")
-#: Metrics whose width scaling :func:`study_figures` plots (those of the tangent picture).
-WIDTH_METRICS = ("weight_change", "ntk_change", "function_gap", "ntk_init_error")
 FIGURES = "figures"
 
 _METRIC_LABELS = {
@@ -260,7 +259,7 @@ def metric_vs_width(records: pd.DataFrame, metric: str, *, summary: pd.DataFrame
     Faint points are the seeds, markers the geometric mean over seeds at each width (the
     per-width value the fit goes through), and the line the fit
     ``value = exp(intercept) · width^slope`` of :func:`ntk_tickets.scaling.scaling_table`,
-    labelled with its slope and bootstrap interval over seeds.
+    labelled with its slope and 95 % interval over seeds.
 
     Args:
       records: tidy records of a study.
@@ -291,8 +290,6 @@ def metric_vs_width(records: pd.DataFrame, metric: str, *, summary: pd.DataFrame
     if rows.empty:
         raise ValueError(f"no positive final values of {metric!r} for mask {mask!r}")
     if summary is None:
-        from ntk_tickets.scaling import scaling_table
-
         summary = scaling_table(records, metrics=[metric])
     fig = Figure(figsize=(5.6, 4.4), layout="constrained")
     ax = fig.subplots()
@@ -315,7 +312,7 @@ def metric_vs_width(records: pd.DataFrame, metric: str, *, summary: pd.DataFrame
     ax.set_xlabel("width n (log scale)")
     ax.set_ylabel(f"{metric_label(metric)} (log scale)")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(title=r"fit $e^{\mathrm{intercept}}\, n^{\mathrm{slope}}$: slope [bootstrap CI]",
+    ax.legend(title=r"fit $e^{\mathrm{intercept}}\, n^{\mathrm{slope}}$: slope [95 % CI]",
               fontsize="small", title_fontsize="small")
     network = "dense network" if mask == "dense" else f"mask {mask}, round {pruning_round}"
     where = "" if split in (None, "none") else f" ({split})"
@@ -355,8 +352,7 @@ def ticket_accuracy(records: pd.DataFrame, *, path: str = "exact") -> Figure:
     stats = _seed_stats(masked, ["width", "mask", "sparsity"])
     widths = sorted(rows["width"].unique())
     families = _ordered(masked["mask"].unique(), last=CONTROL_MASKS)
-    sparsities = np.sort(masked["sparsity"].unique())
-    logit = bool(np.all((sparsities > 0) & (sparsities < 1)))
+    logit = bool(np.all((masked["sparsity"] > 0) & (masked["sparsity"] < 1)))
     fig, axes = _panels(len(widths))
     for ax, width in zip(axes, widths, strict=True):
         if width in dense.index:
@@ -372,6 +368,8 @@ def ticket_accuracy(records: pd.DataFrame, *, path: str = "exact") -> Figure:
                         marker="s" if control else "o", markersize=4,
                         linestyle=":" if control else "-", label=family)
         if logit:
+            # The sparsity reached per round depends on the width (counts are rounded).
+            sparsities = np.sort(stats.loc[stats["width"] == width, "sparsity"].unique())
             ax.set_xscale("logit")
             ax.set_xticks(sparsities, labels=[f"{s:.1%}" for s in sparsities])
             ax.xaxis.set_minor_locator(NullLocator())
@@ -397,9 +395,9 @@ def chance_overlap(density):
 
 def mask_overlap(records: pd.DataFrame) -> Figure:
     """The Jaccard overlap of the kept weights of the linear-path and exact-path masks
-    (metric ``mask_overlap``) against width, one line per round labelled with its sparsity,
-    mean ± std over seeds. Dotted lines: the overlap of two random masks of the same
-    density, d / (2 − d).
+    (metric ``mask_overlap``) against width, one line per round labelled with its sparsity
+    (averaged over widths, whose rounded counts differ slightly), mean ± std over seeds.
+    Dotted lines: the overlap of two random masks of the same density, d / (2 − d).
 
     Args:
       records: tidy records of a ticket study with ``tickets.search_path = "both"``.
@@ -414,12 +412,13 @@ def mask_overlap(records: pd.DataFrame) -> Figure:
     if rows.empty:
         raise ValueError("no mask_overlap records: run a ticket study with "
                          "tickets.search_path = \"both\"")
-    stats = _seed_stats(rows, ["mask", "round", "sparsity", "width"])
+    stats = _seed_stats(rows, ["mask", "round", "width"])
+    sparsities = rows.groupby(["mask", "round"])["sparsity"].mean()
     masks = sorted(stats["mask"].unique())
     fig = Figure(figsize=(5.6, 4.4), layout="constrained")
     ax = fig.subplots()
-    groups = stats.groupby(["mask", "round", "sparsity"], sort=True)
-    for i, ((mask, pruning_round, sparsity), s) in enumerate(groups):
+    for i, ((mask, pruning_round), s) in enumerate(stats.groupby(["mask", "round"])):
+        sparsity = sparsities[mask, pruning_round]
         which = f" ({mask})" if len(masks) > 1 else ""
         ax.errorbar(s["width"], s["mean"], yerr=s["std"], color=f"C{i}", marker="o",
                     capsize=3, label=f"round {pruning_round}: sparsity {sparsity:.1%}{which}")
@@ -500,7 +499,7 @@ def study_figures(records: pd.DataFrame, *,
     """Every standard figure whose data these records hold, by name.
 
     Names: ``loss_test`` and ``accuracy_test`` (:func:`loss_curves` of the dense network),
-    ``<metric>_vs_width`` for the metrics of :data:`WIDTH_METRICS` with positive values at
+    ``<metric>_vs_width`` for the metrics of :data:`SCALING_METRICS` with positive values at
     two or more widths, ``ticket_accuracy`` (exact path) and ``ticket_accuracy_<path>``
     (other paths), ``mask_overlap`` and ``perturbation``.
 
@@ -516,15 +515,13 @@ def study_figures(records: pd.DataFrame, *,
     for metric in ("loss", "accuracy"):
         if (dense["metric"] == metric).any():
             figures[f"{metric}_test"] = loss_curves(records, metric=metric)
-    final = final_step(records[records["metric"].isin(WIDTH_METRICS)
+    final = final_step(records[records["metric"].isin(SCALING_METRICS)
                                & (records["mask"] == "dense") & (records["path"] != "none")])
     final = final[np.isfinite(final["value"]) & (final["value"] > 0)]
-    scaled = [m for m in WIDTH_METRICS
+    scaled = [m for m in SCALING_METRICS
               if final.loc[final["metric"] == m, "width"].nunique() >= 2]
     if scaled and summary is None:
-        from ntk_tickets.scaling import scaling_table
-
-        summary = scaling_table(records, metrics=list(WIDTH_METRICS))
+        summary = scaling_table(records, metrics=list(SCALING_METRICS))
     for metric in scaled:
         figures[f"{metric}_vs_width"] = metric_vs_width(records, metric, summary=summary)
     masked = records[~records["mask"].isin(["dense", "perturb"]) & (records["path"] != "none")

@@ -30,9 +30,9 @@ def bar_enabled(stream: TextIO) -> bool:
 class Progress:
     """Progress over cells of unequal cost.
 
-    The estimate of the time left assumes a cell costs in proportion to its weight (the
-    width, by default at the call site) and that cells keep finishing at the rate seen so
-    far, which also holds for parallel executors.
+    The estimate of the time left assumes a cell costs in proportion to its weight (its
+    parameter count, :func:`ntk_tickets.study.cell_cost`, at the call site) and that cells
+    keep finishing at the rate seen so far, which also holds for parallel executors.
 
     Args:
       weights: the weight of every cell still to compute.

@@ -22,9 +22,15 @@ from ntk_tickets.config import (
     config_to_dict,
     load_config,
 )
-from ntk_tickets.data import load_dataset
+from ntk_tickets.data import Dataset, load_dataset
 from ntk_tickets.errors import UserInputError
-from ntk_tickets.executors import execute_cells
+from ntk_tickets.executors import (
+    check_executor_options,
+    default_workers,
+    execute_cells,
+    ray_cluster,
+)
+from ntk_tickets.models import build_model, parameter_count
 from ntk_tickets.progress import Progress
 from ntk_tickets.results import ResultsStore
 
@@ -104,6 +110,14 @@ def cell_id(width: int) -> str:
     return f"w{width:05d}"
 
 
+def cell_cost(cfg: StudyConfig, data: Dataset, width: int) -> int:
+    """The relative cost of the cell of ``width`` for the time-left estimate: the model's
+    parameter count (a training step costs about that many multiply-adds per example, so a
+    hidden n × n layer makes it grow like n²). Computed from shapes only."""
+    model = build_model(cfg.model, width, data.input_shape, data.n_out)
+    return parameter_count(jax.eval_shape(model.init, jax.random.PRNGKey(0)))
+
+
 def run_study(cfg: StudyConfig, out_dir: str | Path, *, force: bool = False,
               executor: str = "serial", workers: int | None = None,
               ray_address: str | None = None, gpus_per_cell: float = 0.0,
@@ -126,17 +140,28 @@ def run_study(cfg: StudyConfig, out_dir: str | Path, *, force: bool = False,
 
     Returns:
       A :class:`StudyReport`.
+
+    Raises:
+      UserInputError: for bad executor options or an unreachable Ray cluster (before
+        ``out_dir`` is touched), or a results folder that cannot be used.
     """
+    check_executor_options(executor, workers, ray_address, gpus_per_cell)
     x64 = x64_enabled(cfg)
     with jax.enable_x64(x64):
         data = load_dataset(cfg.data, cfg.train.loss)
     report = StudyReport(Path(out_dir), [], [], {})
-    with contextlib.closing(ResultsStore(out_dir, config_to_dict(cfg), config_hash(cfg),
-                                         data.fingerprint, x64, force=force)) as store:
+    # Ray is reached before the store opens, so that an unreachable cluster leaves the
+    # folder as it was (even with --force).
+    cluster = (ray_cluster(ray_address, workers or default_workers(len(cfg.model.widths)))
+               if executor == "ray" else contextlib.nullcontext())
+    with cluster, contextlib.closing(ResultsStore(out_dir, config_to_dict(cfg),
+                                                  config_hash(cfg), data.fingerprint, x64,
+                                                  force=force)) as store:
         done = store.done_cells()
         report.skipped = [cell_id(w) for w in cfg.model.widths if cell_id(w) in done]
         todo = [w for w in cfg.model.widths if cell_id(w) not in done]
-        progress = Progress([float(w) for w in todo], len(report.skipped),
+        costs = {w: float(cell_cost(cfg, data, w)) for w in todo}
+        progress = Progress(list(costs.values()), len(report.skipped),
                             bar=False if log else None)
         say = log or progress.log
         if report.skipped:
@@ -153,7 +178,7 @@ def run_study(cfg: StudyConfig, out_dir: str | Path, *, force: bool = False,
                 report.computed.append(cid)
                 if cell.status == "diverged":
                     report.diverged[cid] = cell.info["diverged_step"]
-                progress.advance(cell.width)
+                progress.advance(costs[cell.width])
                 say(f"[{progress.done}/{progress.total}] width {cell.width}: {cell.status} "
                     f"(compile {cell.compile_s:.1f} s, run {cell.run_s:.1f} s)")
         finally:

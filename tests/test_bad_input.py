@@ -79,6 +79,20 @@ def test_bad_override_leaves_existing_results_untouched(study, capsys, override,
     assert _snapshot(folder) == before
 
 
+@pytest.mark.parametrize("options, fragment", [
+    (["--gpus-per-cell", "1"], "need --executor ray"),
+    (["--executor", "ray", "--gpus-per-cell", "nan"], "must be a finite number"),
+    (["--workers", "0"], "argument --workers: 0 is not a positive integer"),
+])
+def test_bad_executor_options_with_force_discard_nothing(study, capsys, options, fragment):
+    # --force discards a folder's results, so the options must be checked before it does.
+    config, folder = study
+    before = _snapshot(folder)
+    assert main(["run", str(config), "--out", str(folder), "--force", *options]) == 2
+    _one_line_error(capsys, fragment)
+    assert _snapshot(folder) == before
+
+
 def test_unwritable_results_folder(study, tmp_path, capsys):
     config, _ = study
     blocker = tmp_path / "a-file"

@@ -55,3 +55,11 @@ def test_list_shows_every_preset_with_its_runtime(capsys):
         resolve_config(name)  # every preset is a valid config
         assert line.startswith(name) and preset_runtime(name).startswith("about ")
         assert line.endswith(f"[{preset_runtime(name)} on 2 CPU cores]")
+
+
+def test_a_reader_that_stops_early_gets_no_traceback():
+    # `ntk-tickets list | head -1`: the pipe closes after the first line.
+    out = subprocess.run(f"{sys.executable} -m ntk_tickets list | head -c 10", shell=True,
+                         capture_output=True, text=True)
+    assert len(out.stdout) == 10
+    assert "Traceback" not in out.stderr and "BrokenPipe" not in out.stderr, out.stderr

@@ -1,6 +1,7 @@
 """Executors and the progress bar: every executor writes the same records as the serial one."""
 
 import io
+import os
 import shutil
 import time
 
@@ -9,7 +10,7 @@ import pytest
 
 from ntk_tickets.config import load_config
 from ntk_tickets.errors import UserInputError
-from ntk_tickets.executors import execute_cells
+from ntk_tickets.executors import _process_pool, execute_cells
 from ntk_tickets.progress import Progress, bar_enabled
 from ntk_tickets.results import load_manifest, load_records
 from ntk_tickets.study import run_study
@@ -91,11 +92,24 @@ def test_process_pool_resumes_an_interrupted_serial_run(small, serial_dir, tmp_p
     ({"executor": "threads"}, "--executor 'threads' is not one of serial, process, ray"),
     ({"executor": "process", "workers": 0}, "--workers 0 must be at least 1"),
     ({"executor": "serial", "ray_address": "auto"}, "need --executor ray"),
-    ({"executor": "ray", "gpus_per_cell": -1.0}, "must not be negative"),
+    ({"executor": "ray", "gpus_per_cell": -1.0}, "must be a finite number, 0 or more"),
+    ({"executor": "ray", "gpus_per_cell": float("inf")}, "must be a finite number"),
 ])
 def test_bad_executor_options_are_refused_before_any_work(small, options, fragment):
     with pytest.raises(UserInputError, match=fragment):
         execute_cells(small, [8], x64=False, **options)
+
+
+def _die(args):
+    """A cell whose worker process dies at once, as if killed for memory."""
+    os._exit(1)
+
+
+def test_a_worker_that_dies_is_an_error_not_a_hang(small):
+    start = time.perf_counter()
+    with pytest.raises(RuntimeError, match="worker process died while computing width 8"):
+        list(_process_pool(small, [8], False, 1, cell_fn=_die))
+    assert time.perf_counter() - start < 60
 
 
 def test_progress_estimates_time_left_from_cell_weights(monkeypatch):

@@ -160,7 +160,6 @@ def test_metric_vs_width_without_a_fit_labels_the_path_and_skips_the_line():
 
 
 def test_metric_vs_width_computes_the_fit_when_no_summary_is_given():
-    pytest.importorskip("ntk_tickets.scaling")
     records = records_frame(_paired_rows())
     fig = metric_vs_width(records, "weight_change")
     labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
@@ -258,6 +257,21 @@ def test_mask_overlap_one_line_per_round_against_width():
     assert chance == {round(float(chance_overlap(1 - sp)), 6) for sp in SPARSITY.values()}
 
 
+def test_mask_figures_when_the_sparsity_reached_differs_by_width():
+    # With prune_fraction 0.2 the kept counts round differently at each width: a round's
+    # sparsity is 1 - round(0.8^r N) / N. Each round stays one line, each panel its own ticks.
+    records = records_frame(_ticket_rows(widths=(16, 64, 256)))
+    records["sparsity"] = records["sparsity"] + np.where(records["sparsity"] > 0,
+                                                         1e-3 * np.log2(records["width"]), 0)
+    bars = _errorbars(mask_overlap(records).axes[0])
+    assert len(bars) == len(SPARSITY)
+    assert all(len(x) == 3 for x, _, _ in bars.values())
+    fig = ticket_accuracy(records)
+    for ax, width in zip(fig.axes, (16, 64, 256), strict=True):
+        expected = [sp + 1e-3 * np.log2(width) for sp in SPARSITY.values()]
+        np.testing.assert_allclose(ax.get_xticks(), expected)
+
+
 def test_perturbation_curves_include_eps_zero_on_a_symlog_axis():
     records = records_frame(_ticket_rows())
     fig = perturbation_curves(records)
@@ -302,7 +316,6 @@ def _store(folder, rows):
 
 
 def test_save_figures_writes_png_files_under_figures_and_nothing_else(tmp_path):
-    pytest.importorskip("ntk_tickets.scaling")
     folder = tmp_path / "study"
     _store(folder, _paired_rows() + _ticket_rows(widths=WIDTHS))
     before = {p for p in folder.rglob("*") if p.is_file()}

@@ -1,5 +1,6 @@
 """Scaling exponents against closed forms: exact power laws, a bootstrap with a known
-distribution, and numpy's least squares."""
+distribution, the t interval with one degree of freedom (a Cauchy quantile), numpy's least
+squares, and the coverage of both intervals in a simulation."""
 
 import numpy as np
 import pandas as pd
@@ -47,11 +48,61 @@ def test_bootstrap_interval_spans_the_seed_slopes():
     # {0,1}, whose slopes are exactly -0.4, -0.6, -0.5 with probabilities 1/4, 1/4, 1/2.
     slopes = {0: -0.4, 1: -0.6}
     values = np.array([[w ** slopes[s] for s in (0, 1)] for w in WIDTHS])
-    fit = fit_power_law(np.array(WIDTHS, float), values, n_boot=4000)
+    fit = fit_power_law(np.array(WIDTHS, float), values, ci_method="bootstrap", n_boot=4000)
     assert fit["slope"] == pytest.approx(-0.5)
     assert fit["ci_low"] == pytest.approx(-0.6) and fit["ci_high"] == pytest.approx(-0.4)
-    narrow = fit_power_law(np.array(WIDTHS, float), values, n_boot=4000, ci=0.4)
+    narrow = fit_power_law(np.array(WIDTHS, float), values, ci_method="bootstrap",
+                           n_boot=4000, ci=0.4)
     assert narrow["ci_low"] == pytest.approx(-0.5) and narrow["ci_high"] == pytest.approx(-0.5)
+
+
+def test_t_interval_of_two_seeds_is_the_cauchy_quantile():
+    # Per-seed slopes -0.4 and -0.6: mean -0.5, sd 0.1·√2, so sd/√2 = 0.1. With one degree
+    # of freedom Student's t is the Cauchy distribution, whose p-quantile is tan(π(p − 1/2)).
+    slopes = {0: -0.4, 1: -0.6}
+    values = np.array([[3.0 * w ** slopes[s] for s in (0, 1)] for w in WIDTHS])
+    for ci in (0.95, 0.5):
+        fit = fit_power_law(np.array(WIDTHS, float), values, ci=ci)
+        half = np.tan(np.pi * ((1 + ci) / 2 - 0.5)) * 0.1
+        assert fit["slope"] == pytest.approx(-0.5, abs=1e-12)
+        assert fit["ci_low"] == pytest.approx(-0.5 - half, abs=1e-9)
+        assert fit["ci_high"] == pytest.approx(-0.5 + half, abs=1e-9)
+
+
+def test_t_interval_covers_95_percent_and_the_bootstrap_too_little():
+    # The figures quoted in the README and in scaling's docstring: with 4 seeds whose slopes
+    # vary normally, the t interval covers the true slope about 95 % of the time; the seed
+    # bootstrap's nominal 95 % covers about 81 %. 400 replications: binomial sd ≈ 0.011.
+    rng = np.random.default_rng(1)
+    widths = np.array([64, 128, 256, 512, 1024.0])
+    hits = {"t": 0, "bootstrap": 0}
+    n_reps, n_seeds = 400, 4
+    for _ in range(n_reps):
+        slopes = -0.5 + 0.05 * rng.standard_normal(n_seeds)
+        offsets = 0.3 * rng.standard_normal(n_seeds)
+        log_values = (offsets + slopes * np.log(widths)[:, None]
+                      + 0.02 * rng.standard_normal((len(widths), n_seeds)))
+        for method in hits:
+            fit = fit_power_law(widths, np.exp(log_values), ci_method=method, rng=rng)
+            hits[method] += fit["ci_low"] <= -0.5 <= fit["ci_high"]
+    assert 0.91 <= hits["t"] / n_reps <= 0.98
+    assert hits["bootstrap"] / n_reps <= 0.88
+
+
+def test_a_seed_missing_at_one_width_is_left_out_and_an_empty_width_dropped():
+    widths = np.array([16, 64, 256, 1024.0])
+    slopes = np.array([-0.3, -0.5, -0.9])
+    values = widths[:, None] ** slopes[None]
+    values[2, 2] = np.nan  # seed 2 diverged at width 256
+    fit = fit_power_law(widths, values)
+    assert (fit["n_widths"], fit["n_seeds"]) == (4, 2)
+    assert fit["slope"] == pytest.approx(-0.4, abs=1e-12)  # seeds 0 and 1 only
+    values[1, :] = [np.nan, 0.0, -1.0]  # no usable value at width 64
+    fit = fit_power_law(widths, values)
+    assert (fit["n_widths"], fit["n_seeds"]) == (3, 2)
+    assert fit["slope"] == pytest.approx(-0.4, abs=1e-12)
+    with pytest.raises(ValueError, match="ci_method"):
+        fit_power_law(widths, values, ci_method="jackknife")
 
 
 def test_slope_matches_numpy_least_squares_on_noisy_data():
