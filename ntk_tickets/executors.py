@@ -138,11 +138,6 @@ def _process_pool(cfg: StudyConfig, widths: Sequence[int], x64: bool, workers: i
                 future.cancel()
 
 
-def _ray_address(address: str | None) -> str | None:
-    """The cluster Ray will join: ``address``, else the ``RAY_ADDRESS`` environment variable."""
-    return address or os.environ.get("RAY_ADDRESS") or None
-
-
 @contextlib.contextmanager
 def ray_cluster(address: str | None = None, workers: int = 1) -> Iterator[None]:
     """Ray, ready for tasks, for the duration of the ``with`` block.
@@ -159,7 +154,7 @@ def ray_cluster(address: str | None = None, workers: int = 1) -> Iterator[None]:
     if ray.is_initialized():
         yield
         return
-    joined = _ray_address(address)
+    joined = address or os.environ.get("RAY_ADDRESS") or None  # the cluster Ray will join
     try:
         with warnings.catch_warnings():
             # Ray starts its daemons with fork + exec, which Python flags once JAX's threads
