@@ -1,6 +1,6 @@
 """Engine benchmark: linear-path compile time and exact/linear step throughput.
 
-Run: ``python3 -m uv run --frozen python benchmarks/bench_engine.py`` (about 6 minutes on
+Run: ``.uv/bin/uv run --frozen python benchmarks/bench_engine.py`` (about 6 minutes on
 2 CPU cores; ``--quick`` skips width 4096 and the slow closure compile there).
 
 (a) Compile time of the whole jitted training program (lax.scan over SGD steps) of the
@@ -32,7 +32,8 @@ from ntk_tickets import (
     load_dataset,
     nt,
 )
-from ntk_tickets.training import log_spaced_steps, make_train_fn, mse_loss
+from ntk_tickets.optimizers import mse_loss
+from ntk_tickets.training import log_spaced_steps, make_train_fn
 
 
 def matmul_peak_gflops(n: int = 2048, repeats: int = 10) -> float:

@@ -1,6 +1,6 @@
 """Ticket benchmark: one compiled program per width against one compile per round and mask.
 
-Run: ``python3 -m uv run --frozen python benchmarks/bench_tickets.py`` (about 2 minutes on
+Run: ``.uv/bin/uv run --frozen python benchmarks/bench_tickets.py`` (about 2 minutes on
 2 CPU cores; ``--quick`` uses widths 32 and 128 only).
 
 The study is IMP with 5 rounds and the random, re-init and shuffle controls, 4 seeds

@@ -17,6 +17,21 @@ fails at import for three reasons, each repaired here *before* ``import neural_t
    run. ``JACOBIAN_CONTRACTION`` and ``NTK_VECTOR_PRODUCTS`` work and are checked against
    pure-JAX references in ``tests/test_nt_canary.py``.
 
+Two defects of ``nt.predict`` are repaired *after* the import, by replacing module-level
+functions of ``neural_tangents._src.predict`` (all checked in ``tests/test_nt_canary.py``):
+
+4. ``max_learning_rate`` passes ``eigvals=`` to ``scipy.linalg.eigvalsh``, a keyword SciPy
+   1.14 removed. It is replaced by :func:`_max_learning_rate`, the same formula with
+   ``subset_by_index=`` (SciPy >= 1.5), also in the ``nt.predict`` namespace.
+5. ``gradient_descent_mse`` factorizes ``k_train_train`` (``eigh`` for finite ``t``,
+   Cholesky for ``t=None``) inside ``jax.core.eval_context()``, so that a concrete kernel is
+   factorized once, eagerly, even on a first call from inside ``jit``. On stackless JAX
+   (>= 0.4.36) that context also cuts off enclosing traces: a kernel that is itself a tracer
+   (``vmap`` over seeds, ``jit``, ``grad``) raises ``UnexpectedTracerError``. The two
+   factorization helpers are wrapped by :func:`_factorize_traced_kernels_at_use`: a concrete
+   kernel is factorized as before, a traced one when the returned functions are applied,
+   i.e. outside ``eval_context`` and in the caller's trace.
+
 Every other module of ntk_tickets imports ``nt`` and ``stax`` from here.
 """
 
@@ -30,6 +45,8 @@ import types
 import jax
 import jax.core
 import jax.extend.core
+import jax.numpy as jnp
+import scipy.linalg
 from jax.interpreters import ad
 
 SUPPORTED_NT_VERSIONS = ("0.6.5",)
@@ -104,6 +121,83 @@ def _import_neural_tangents() -> types.ModuleType:
 nt = _import_neural_tangents()
 stax = nt.stax
 NT_VERSION = nt.__version__
+_predict_src = nt._src.predict  # defines what ``nt.predict`` re-exports; patched below
+
+
+def _max_learning_rate(ntk_train_train, y_train_size=None, momentum=0.0, eps=1e-12):
+    """``nt.predict.max_learning_rate`` (same signature and result) for current SciPy.
+
+    2 (1 + momentum) N / (λ_max + eps), with λ_max the largest eigenvalue of the train-train
+    NTK flattened to a matrix and N = ``y_train_size`` (default: that matrix's side, right
+    for ``trace_axes=()``): the largest η for which I − η K / N, one GD step on
+    ½ |f − y|² / N, is a contraction, times 1 + momentum for heavy-ball momentum. Unlike
+    upstream it also accepts a traced kernel (under ``jit``), through ``jnp``.
+
+    Args:
+      ntk_train_train: the NTK on the training data, shape (n, n) or (n, n, k, k).
+      y_train_size: N, the total size of the training targets.
+      momentum: the heavy-ball momentum.
+      eps: guards against division by zero.
+
+    Returns:
+      The maximal feasible learning rate.
+    """
+    ntk = nt._src.utils.utils.make_2d(ntk_train_train)
+    factor = ntk.shape[0] if y_train_size is None else y_train_size
+    if not isinstance(ntk, jax.core.Tracer) and _predict_src._is_on_cpu(ntk):
+        last = ntk.shape[0] - 1
+        max_eva = scipy.linalg.eigvalsh(ntk, subset_by_index=(last, last))[-1]
+    else:
+        max_eva = jnp.linalg.eigvalsh(ntk)[-1]
+    return 2 * (1 + momentum) * factor / (max_eva + eps)
+
+
+def _factorize_traced_kernels_at_use(get_fns_in_eigenbasis, get_cho_solve):
+    """Wraps ``predict``'s factorization helpers so a traced kernel is factorized at use.
+
+    Args:
+      get_fns_in_eigenbasis: upstream ``_get_fns_in_eigenbasis(k, diag_reg,
+        diag_reg_absolute_scale, fns)``, returning one ``(y, t) -> fn(k, t) @ y`` per ``fn``.
+      get_cho_solve: upstream ``_get_cho_solve(k, diag_reg, diag_reg_absolute_scale,
+        lower)``, returning ``(b, b_axes) -> k⁻¹ b``.
+
+    Returns:
+      The two helpers with the same signatures. For a concrete kernel they return the
+      upstream functions; for a tracer, functions that factorize it on every application.
+    """
+
+    def fns_in_eigenbasis(k_train_train, diag_reg, diag_reg_absolute_scale, fns):
+        args = (diag_reg, diag_reg_absolute_scale)
+        if not isinstance(k_train_train, jax.core.Tracer):
+            return get_fns_in_eigenbasis(k_train_train, *args, fns)
+
+        def at_use(fn):
+            def transform(y_train, t):
+                (eager,) = get_fns_in_eigenbasis(k_train_train, *args, (fn,))
+                return eager(y_train, t)
+
+            return transform
+
+        return tuple(at_use(fn) for fn in fns)
+
+    def cho_solve(a, diag_reg, diag_reg_absolute_scale, lower=False):
+        args = (diag_reg, diag_reg_absolute_scale, lower)
+        if not isinstance(a, jax.core.Tracer):
+            return get_cho_solve(a, *args)
+        return lambda b, b_axes: get_cho_solve(a, *args)(b, b_axes)
+
+    return fns_in_eigenbasis, cho_solve
+
+
+def _repair_predict() -> None:
+    """Installs repairs 4 and 5 of the module docstring."""
+    _predict_src.max_learning_rate = nt.predict.max_learning_rate = _max_learning_rate
+    _predict_src._get_fns_in_eigenbasis, _predict_src._get_cho_solve = (
+        _factorize_traced_kernels_at_use(_predict_src._get_fns_in_eigenbasis,
+                                         _predict_src._get_cho_solve))
+
+
+_repair_predict()
 
 
 def check_ntk_implementation(name: str) -> int:

@@ -18,7 +18,8 @@ Commands available now:
 * ``ntk-tickets plot DIR`` — the standard figures as PNG under ``DIR/figures/``.
 
 Exit status: 0 on success, 2 with one line on stderr for a user mistake (a bad field,
-file or value); never a traceback for those.
+file or value); never a traceback for those. Ctrl-C prints one line (how many cells are
+saved, and that the same command resumes) and exits with 130.
 """
 
 from __future__ import annotations
@@ -31,13 +32,14 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from ntk_tickets.errors import UserInputError
+from ntk_tickets.errors import StudyInterrupted, UserInputError
 
 
 def _cmd_info(args: argparse.Namespace) -> None:
     import jax.numpy as jnp
 
-    from ntk_tickets import DataConfig, ModelConfig, build_model, environment_info, load_dataset, nt
+    from ntk_tickets import DataConfig, ModelConfig, build_model, load_dataset, nt
+    from ntk_tickets.results import environment_info
 
     for name, version in environment_info(x64=False).items():
         print(f"{name:>16}: {version}")
@@ -208,6 +210,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserInputError as e:
         print(f"ntk-tickets: error: {e}", file=sys.stderr)
         return 2
+    except StudyInterrupted as e:
+        print(f"ntk-tickets: {e}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print("ntk-tickets: interrupted", file=sys.stderr)
+        return 130
     except BrokenPipeError:  # the reader went away (e.g. `ntk-tickets list | head -1`)
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0

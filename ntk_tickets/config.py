@@ -26,33 +26,31 @@ from pathlib import Path
 from typing import Any
 
 from ntk_tickets.errors import UserInputError
+from ntk_tickets.registry import choices_of
 
-DATASETS = ("teacher", "sine", "digits", "mnist1d", "npz", "idx")
-ARCHS = ("mlp", "resmlp", "cnn1d", "cnn2d")
-ACTIVATIONS = ("relu", "erf", "tanh", "gelu")
 PARAMETERIZATIONS = ("ntk", "standard")
-OPTIMIZERS = ("sgd", "momentum", "adam")
-SCHEDULES = ("constant", "cosine", "warmup_cosine")
-LOSSES = ("mse", "xent")
 PATHS = ("exact", "linear", "entk", "ntk", "nngp")
-METRICS = (
-    "loss",
-    "accuracy",
-    "weight_change",
-    "function_gap",
-    "ntk_change",
-    "ntk_init_error",
-    "variance",
-)
-TICKET_METHODS = ("imp", "oneshot", "magnitude_init", "snip", "grasp", "synflow", "ntk_saliency")
 TICKET_SCOPES = ("global", "layer")
 CONTROLS = ("random", "reinit", "shuffle")
 SEARCH_PATHS = ("exact", "linear", "both")
+# Registries that name allowed values, as "module:attribute" (imported when first checked).
+DATASETS = "ntk_tickets.data:DATASETS"
+ARCHS = "ntk_tickets.architectures:ARCHITECTURES"
+ACTIVATIONS = "ntk_tickets.architectures:ACTIVATIONS"
+OPTIMIZERS = "ntk_tickets.optimizers:OPTIMIZERS"
+SCHEDULES = "ntk_tickets.optimizers:SCHEDULES"
+LOSSES = "ntk_tickets.optimizers:LOSSES"
+METRICS = "ntk_tickets.metrics:METRICS"
+TICKET_METHODS = "ntk_tickets.ticket_methods:TICKET_METHODS"
+#: Metrics recorded when ``metrics`` is not given.
+DEFAULT_METRICS = ("loss", "accuracy", "weight_change", "function_gap", "ntk_change",
+                   "ntk_init_error", "variance")
 
 
-def _field(default: Any, *, choices: Sequence[str] | None = None, minimum: float | None = None,
-           doc: str = "") -> Any:
-    """A dataclass field with validation metadata (allowed choices, inclusive minimum)."""
+def _field(default: Any, *, choices: tuple[str, ...] | str | None = None,
+           minimum: float | None = None, doc: str = "") -> Any:
+    """A dataclass field with validation metadata: allowed choices (a tuple, or a registry
+    as ``"module:attribute"``) and an inclusive minimum."""
     metadata = {"choices": choices, "minimum": minimum, "doc": doc}
     if isinstance(default, list | tuple):
         return dataclasses.field(default=tuple(default), metadata=metadata)
@@ -78,7 +76,14 @@ class DataConfig:
     teacher_width: int = _field(64, minimum=1)
     teacher_depth: int = _field(2, minimum=1)
     noise: float = _field(0.0, minimum=0.0, doc="std of Gaussian label noise (teacher, sine)")
-    standardize: bool = _field(True, doc="standardize inputs with training statistics")
+    standardize: bool = _field(False, doc="standardize inputs per feature with training "
+                                          "statistics (default: inputs as the data give them)")
+    std_floor: float = _field(1.0, minimum=0.0,
+                              doc="σ floor of standardization, relative to the RMS of the "
+                                  "features' σ (0: only constant features are left unscaled)")
+
+    def __post_init__(self):
+        _validate_fields(self, "data")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,12 +92,15 @@ class ModelConfig:
 
     arch: str = _field("mlp", choices=ARCHS)
     depth: int = _field(2, minimum=1, doc="hidden layers (blocks for resmlp)")
-    widths: tuple[int, ...] = _field((64, 256, 1024))
+    widths: tuple[int, ...] = _field((64, 256, 1024), minimum=1)
     activation: str = _field("relu", choices=ACTIVATIONS)
     parameterization: str = _field("ntk", choices=PARAMETERIZATIONS)
     w_std: float = _field(math.sqrt(2.0), minimum=0.0)
     b_std: float = _field(0.05, minimum=0.0)
     kernel_size: int = _field(3, minimum=1, doc="CNN filter size")
+
+    def __post_init__(self):
+        _validate_fields(self, "model")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,9 +116,12 @@ class TrainConfig:
     steps: int = _field(1000, minimum=1)
     batch_size: int = _field(0, minimum=0, doc="0 = full batch")
     loss: str = _field("mse", choices=LOSSES)
-    seeds: tuple[int, ...] = _field((0, 1))
+    seeds: tuple[int, ...] = _field((0, 1), minimum=0)
     x64: bool = _field(False, doc="float64 everywhere (also set by JAX_ENABLE_X64)")
     log_points: int = _field(20, minimum=2, doc="log-spaced steps at which metrics are recorded")
+
+    def __post_init__(self):
+        _validate_fields(self, "train")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,15 +135,19 @@ class TicketsConfig:
     scope: str = _field("global", choices=TICKET_SCOPES)
     search_path: str = _field("exact", choices=SEARCH_PATHS,
                               doc="path whose training drives imp/oneshot; both = compare")
-    eval_paths: tuple[str, ...] = _field(("exact", "linear"),
+    eval_paths: tuple[str, ...] = _field(("exact", "linear"), choices=("exact", "linear"),
                                          doc="paths on which every mask is trained")
-    controls: tuple[str, ...] = _field(("random", "reinit"))
+    controls: tuple[str, ...] = _field(("random", "reinit"), choices=CONTROLS)
     prune_biases: bool = _field(False)
-    output_prune_fraction: float = _field(-1.0, doc="rate for the output layer; -1 = same")
-    perturb_eps: tuple[float, ...] = _field((), doc="ε grid of the perturbation test")
+    output_prune_fraction: float = _field(-1.0, minimum=-1.0,
+                                          doc="rate for the output layer; -1 = same")
+    perturb_eps: tuple[float, ...] = _field((), minimum=0.0, doc="ε grid of the perturbation test")
     perturb_trainable: bool = _field(False, doc="train the perturbed complement too")
     synflow_iterations: int = _field(100, minimum=1)
     saliency_samples: int = _field(16, minimum=1, doc="Gaussian probes for ntk_saliency")
+
+    def __post_init__(self):
+        _validate_fields(self, "tickets")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,15 +159,15 @@ class StudyConfig:
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     tickets: TicketsConfig | None = None
-    paths: tuple[str, ...] = _field(PATHS)
-    metrics: tuple[str, ...] = _field(METRICS)
+    paths: tuple[str, ...] = _field(PATHS, choices=PATHS)
+    metrics: tuple[str, ...] = _field(DEFAULT_METRICS, choices=METRICS)
     probe_size: int = _field(32, minimum=1, doc="inputs on which NTKs are compared")
 
     def __post_init__(self):
-        _check_subset("paths", self.paths, PATHS)
-        _check_subset("metrics", self.metrics, METRICS)
-        _check_positive_list("model.widths", self.model.widths)
-        _check_nonempty("train.seeds", self.train.seeds)
+        _validate_fields(self, "")
+        _check_name(self.name)
+        for field in ("paths", "metrics", "model.widths", "train.seeds"):
+            _check_nonempty(field, _get(self, field))
         if self.data.name in ("npz", "idx") and not self.data.path:
             raise UserInputError(
                 f"data.path is required for data.name = {self.data.name!r}: "
@@ -173,8 +188,6 @@ class StudyConfig:
 
 
 def _check_tickets(t: TicketsConfig, paths: Sequence[str], steps: int) -> None:
-    _check_subset("tickets.controls", t.controls, CONTROLS)
-    _check_subset("tickets.eval_paths", t.eval_paths, ("exact", "linear"))
     _check_nonempty("tickets.eval_paths", t.eval_paths)
     searched = ("exact", "linear") if t.search_path == "both" else (t.search_path,)
     for path in (*t.eval_paths, *searched):
@@ -195,19 +208,12 @@ def _check_tickets(t: TicketsConfig, paths: Sequence[str], steps: int) -> None:
         raise UserInputError(
             f"tickets.rewind_step ({t.rewind_step}) is after the last training step "
             f"(train.steps = {steps})")
-    if any(not 0.0 <= eps < float("inf") for eps in t.perturb_eps):
-        raise UserInputError(
-            f"tickets.perturb_eps must hold finite values >= 0, got {list(t.perturb_eps)}")
 
 
-def _check_subset(field: str, values: Sequence[str], allowed: Sequence[str]) -> None:
-    for v in values:
-        if v not in allowed:
-            raise UserInputError(
-                f"{field} has unknown value {v!r}; allowed: {', '.join(map(repr, allowed))}"
-            )
-    if len(set(values)) != len(values):
-        raise UserInputError(f"{field} lists a value twice: {list(values)}")
+def _get(cfg: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
 
 
 def _check_nonempty(field: str, values: Sequence[Any]) -> None:
@@ -215,14 +221,52 @@ def _check_nonempty(field: str, values: Sequence[Any]) -> None:
         raise UserInputError(f"{field} must not be empty")
 
 
-def _check_positive_list(field: str, values: Sequence[int]) -> None:
-    _check_nonempty(field, values)
-    if any(v < 1 for v in values):
-        raise UserInputError(f"{field} must contain positive integers, got {list(values)}")
+def _check_name(name: str) -> None:
+    """A study name is a plain folder name: results go to ``results/<name>``."""
+    if (not name or name in (".", "..") or any(c in name for c in "/\\\0")
+            or name != name.strip()):
+        raise UserInputError(
+            f"name = {name!r} must be a plain name (no path separators, not '.' or '..'): "
+            "choose the results folder with --out DIR instead")
 
 
-_SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig,
-             "tickets": TicketsConfig}
+def _validate_fields(section: Any, prefix: str) -> None:
+    """Checks every field of a config section against its annotation and metadata, and
+    stores it in canonical form (lists as tuples, integers in float fields as floats).
+
+    Raises:
+      UserInputError: naming the dotted field, the bad value and what is allowed.
+    """
+    hints = typing.get_type_hints(type(section))
+    for f in dataclasses.fields(section):
+        name = f"{prefix}.{f.name}" if prefix else f.name
+        tp, value = hints[f.name], getattr(section, f.name)
+        inner = _strip_optional(tp)
+        if dataclasses.is_dataclass(inner):
+            if not (isinstance(value, inner) or (value is None and inner is not tp)):
+                raise UserInputError(f"{name} must be a {inner.__name__}, got {value!r}")
+            continue
+        value = _coerce(name, tp, value)
+        _check_value(name, value, f.metadata)
+        object.__setattr__(section, f.name, value)
+
+
+def _check_value(name: str, value: Any, meta: Mapping[str, Any]) -> None:
+    """Choices, minimum and distinctness of one (coerced) field value."""
+    items = value if isinstance(value, tuple) else (value,)
+    if meta.get("choices") is not None:
+        allowed = choices_of(meta["choices"])
+        for v in items:
+            if v not in allowed:
+                raise UserInputError(f"{name} = {v!r} is not allowed; choose one of "
+                                     f"{', '.join(map(repr, allowed))}")
+    minimum = meta.get("minimum")
+    if minimum is not None and any(v < minimum for v in items):
+        raise UserInputError(f"{name} must be >= {minimum}, got {value!r}")
+    if isinstance(value, tuple) and len(set(value)) != len(value):
+        twice = sorted({v for v in value if value.count(v) > 1})
+        raise UserInputError(f"{name} lists {', '.join(map(repr, twice))} more than once: "
+                             f"{list(value)}; give each value once")
 
 
 def _type_name(tp: Any) -> str:
@@ -240,38 +284,31 @@ def _coerce(field: str, tp: Any, value: Any) -> Any:
             )
         return tuple(_coerce(f"{field}[{i}]", item_tp, v) for i, v in enumerate(value))
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+        value = float(value)
     if (tp is int and isinstance(value, bool)) or not isinstance(value, tp):
         raise UserInputError(f"{field} must be {_type_name(tp)}, got {value!r}")
+    if tp is float and not math.isfinite(value):
+        raise UserInputError(f"{field} must be a finite number, got {value!r}")
     return value
 
 
 def _build_section(cls: type, values: Mapping[str, Any], prefix: str) -> Any:
+    """``cls(**values)`` with nested sections built first; unknown keys are refused (the
+    class validates its own fields)."""
     if not isinstance(values, Mapping):
         raise UserInputError(f"[{prefix}] must be a table of keys, got {values!r}")
     hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    fields = {f.name for f in dataclasses.fields(cls)}
     kwargs = {}
     for key, value in values.items():
         name = f"{prefix}.{key}" if prefix else key
         if key not in fields:
-            raise UserInputError(
-                f"unknown config key {name!r}; known keys{' in [' + prefix + ']' if prefix else ''}"
-                f": {', '.join(fields)}"
-            )
-        tp = hints[key]
-        if dataclasses.is_dataclass(_strip_optional(tp)):
-            kwargs[key] = _build_section(_strip_optional(tp), value, name)
-            continue
-        value = _coerce(name, tp, value)
-        meta = fields[key].metadata
-        if meta.get("choices") and value not in meta["choices"]:
-            raise UserInputError(
-                f"{name} = {value!r} is not allowed; choose one of "
-                f"{', '.join(map(repr, meta['choices']))}"
-            )
-        if meta.get("minimum") is not None and value < meta["minimum"]:
-            raise UserInputError(f"{name} must be >= {meta['minimum']}, got {value!r}")
+            where = f" in [{prefix}]" if prefix else ""
+            raise UserInputError(f"unknown config key {name!r}; known keys{where}: "
+                                 f"{', '.join(fields)}")
+        section = _strip_optional(hints[key])
+        if dataclasses.is_dataclass(section):
+            value = _build_section(section, value, name)
         kwargs[key] = value
     return cls(**kwargs)
 
@@ -301,8 +338,48 @@ def config_to_dict(cfg: StudyConfig) -> dict[str, Any]:
 
 
 def config_hash(cfg: StudyConfig) -> str:
-    """A stable 12-hex-digit identity of the config (SHA-256 of its canonical JSON)."""
-    canonical = json.dumps(config_to_dict(cfg), sort_keys=True, separators=(",", ":"))
+    """A stable 12-hex-digit identity of the whole config (SHA-256 of its canonical JSON)."""
+    return _hash(config_to_dict(cfg))
+
+
+#: Fields that only enumerate a study's cells: a results folder grows along them.
+CELL_FIELDS = ("name", "model.widths", "train.seeds")
+
+
+def study_identity(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The config (plain values, :func:`config_to_dict`) without :data:`CELL_FIELDS`:
+    what every cell of one results folder shares. Adding widths or seeds, or renaming the
+    study, keeps it; any other change makes another study."""
+    out = json.loads(json.dumps(config))
+    for dotted in CELL_FIELDS:
+        *parents, last = dotted.split(".")
+        node = out
+        for key in parents:
+            node = node.get(key, {})
+        node.pop(last, None)
+    return out
+
+
+def identity_hash(config: Mapping[str, Any]) -> str:
+    """12 hex digits of SHA-256 over :func:`study_identity`."""
+    return _hash(study_identity(config))
+
+
+def differing_fields(a: Mapping[str, Any], b: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """The dotted names of the fields whose values differ between two nested configs."""
+    out = []
+    for key in sorted(set(a) | set(b)):
+        name = f"{prefix}.{key}" if prefix else key
+        va, vb = a.get(key), b.get(key)
+        if isinstance(va, Mapping) and isinstance(vb, Mapping):
+            out += differing_fields(va, vb, name)
+        elif va != vb:
+            out.append(name)
+    return out
+
+
+def _hash(values: Mapping[str, Any]) -> str:
+    canonical = json.dumps(values, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()[:12]
 
 
@@ -356,6 +433,12 @@ def load_config_dict(path: str | Path) -> dict[str, Any]:
         raise UserInputError(f"config file {str(path)!r} is a folder, not a TOML file") from e
     except tomllib.TOMLDecodeError as e:
         raise UserInputError(f"config file {str(path)!r} is not valid TOML: {e}") from e
+    except UnicodeDecodeError as e:
+        raise UserInputError(f"config file {str(path)!r} is not UTF-8 text ({e.reason} at "
+                             f"byte {e.start}): save it as UTF-8") from e
+    except OSError as e:
+        raise UserInputError(f"config file {str(path)!r} cannot be read "
+                             f"({e.strerror or e})") from e
 
 
 def load_config(path: str | Path, overrides: Sequence[str] = ()) -> StudyConfig:

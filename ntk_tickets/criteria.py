@@ -17,7 +17,8 @@ jit-compatible, taking ``params`` as an argument (never closing over it).
 * :func:`ntk_saliency_scores`: saliency of the empirical-NTK trace, a tangent-space
   criterion in the spirit of NTK-SAP (Wang et al. 2023, arXiv 2304.02840); the trace itself
   is estimated by :func:`ntk_trace_estimate`.
-* :func:`at_init_scores`: dispatch by the names of :data:`AT_INIT_CRITERIA`.
+* :func:`at_init_scores`: dispatch through the registry entries of
+  :data:`ntk_tickets.ticket_methods.TICKET_METHODS`.
 
 Shapes: ``apply_fn(params, x) -> (n, k)`` for inputs ``x`` of shape ``(n, *input_shape)``;
 ``loss_fn(f, y) -> scalar``, e.g. ``ntk_tickets.training.LOSSES["mse"]``.
@@ -25,6 +26,7 @@ Shapes: ``apply_fn(params, x) -> (n, k)`` for inputs ``x`` of shape ``(n, *input
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -32,11 +34,15 @@ import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
+from ntk_tickets.ticket_methods import TICKET_METHODS, ScoreInputs, at_init_methods
+
 PyTree = Any
 ApplyFn = Callable[[PyTree, jax.Array], jax.Array]
 LossFn = Callable[[jax.Array, jax.Array], jax.Array]
 
-AT_INIT_CRITERIA = ("magnitude_init", "snip", "grasp", "synflow", "ntk_saliency")
+#: The ticket methods that score weights at initialization (entries of
+#: :data:`ntk_tickets.ticket_methods.TICKET_METHODS`).
+AT_INIT_CRITERIA = at_init_methods()
 
 
 def _loss_of_params(apply_fn: ApplyFn, x: jax.Array, y: jax.Array,
@@ -220,11 +226,5 @@ def at_init_scores(method: str, apply_fn: ApplyFn, params: PyTree, x: jax.Array,
             f"unknown at-initialization criterion {method!r}; choose one of "
             f"{', '.join(map(repr, AT_INIT_CRITERIA))}"
         )
-    criteria = {
-        "magnitude_init": lambda: magnitude_scores(params),
-        "snip": lambda: snip_scores(apply_fn, params, x, y, loss_fn),
-        "grasp": lambda: grasp_scores(apply_fn, params, x, y, loss_fn),
-        "synflow": lambda: synflow_scores(apply_fn, params, input_shape),
-        "ntk_saliency": lambda: ntk_saliency_scores(apply_fn, params, x_probe, key, n_samples),
-    }
-    return criteria[method]()
+    inputs = ScoreInputs(apply_fn, params, x, y, loss_fn, key, x_probe, input_shape, n_samples)
+    return TICKET_METHODS[method].score(sys.modules[__name__], inputs)

@@ -13,7 +13,9 @@ in the calling process (its one writer), so every executor writes the same files
   give each worker its own device (``CUDA_VISIBLE_DEVICES``) or use Ray.
 * ``ray``: each cell is a Ray task (``num_cpus=1``, ``num_gpus`` as asked) on an existing
   cluster (``ray_address``, e.g. ``"auto"`` or ``"ray://head:10001"``) or on a local one
-  started here with ``workers`` CPUs. Every node needs the same ntk_tickets installed.
+  started here with ``workers`` CPUs. Every node needs the same ntk_tickets installed. A
+  local cluster listens on 127.0.0.1 only and runs the cells with this Python; an address
+  that does not accept connections fails within seconds.
 
 Every executor computes the same numbers: a cell's records do not depend on where it ran.
 """
@@ -28,6 +30,7 @@ import math
 import multiprocessing
 import os
 import socket
+import urllib.parse
 import warnings
 from collections.abc import Iterator, Sequence
 from concurrent.futures.process import BrokenProcessPool
@@ -50,7 +53,8 @@ class CellOutput:
       status: ``"done"`` or ``"diverged"``.
       compile_s: seconds spent compiling its training programs.
       run_s: seconds spent running them (and the host work between them).
-      info: cell facts for the manifest (parameter count, divergence steps, the host, …).
+      info: cell facts for the manifest (parameter count, divergence steps, …).
+      arrays: named arrays kept with the cell (ticket masks); empty for paired studies.
     """
 
     width: int
@@ -59,6 +63,7 @@ class CellOutput:
     compile_s: float
     run_s: float
     info: dict[str, Any]
+    arrays: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 @functools.lru_cache(maxsize=4)
@@ -93,7 +98,7 @@ def compute_cell(cfg: StudyConfig, width: int, x64: bool,
     with jax.enable_x64(x64):
         result = run_cell(cfg, data, width)
     return CellOutput(width, records_frame(result.rows), result.status, result.compile_s,
-                      result.run_s, {**result.info, "host": socket.gethostname()})
+                      result.run_s, result.info, result.arrays)
 
 
 def _serial(cfg: StudyConfig, widths: Sequence[int], x64: bool,
@@ -138,38 +143,156 @@ def _process_pool(cfg: StudyConfig, widths: Sequence[int], x64: bool, workers: i
                 future.cancel()
 
 
+# Seconds to wait for a TCP connection to a Ray cluster before calling it unreachable.
+RAY_CONNECT_TIMEOUT_S = 5.0
+
+
+def _ray_target(address: str | None) -> str | None:
+    """The cluster ``ray.init(address)`` joins: ``RAY_ADDRESS`` overrides None and ``"auto"``.
+
+    None (also for ``"local"``) means a new local cluster.
+    """
+    from_env = os.environ.get("RAY_ADDRESS") or None
+    target = from_env if from_env and address in (None, "auto") else address
+    return None if target == "local" else target
+
+
+def _dialed_address(target: str) -> tuple[str, int]:
+    """The host and port Ray connects to first for ``target``.
+
+    ``ray://host:port`` (any ``scheme://``) is a Ray Client server (port 10001 by default).
+    Anything else goes through Ray's own resolution: ``"auto"`` finds a cluster started on
+    this machine, and ``localhost``/``127.0.0.1`` become the machine's outward address,
+    which is what Ray dials.
+
+    Raises:
+      ConnectionError: for ``"auto"`` when no cluster runs here.
+      ValueError: for a malformed address.
+    """
+    if "://" in target:
+        parts = urllib.parse.urlsplit(target)
+        if not parts.hostname:
+            raise ValueError(f"no host in {target!r}")
+        return parts.hostname, parts.port or 10001
+    from ray._private.services import canonicalize_bootstrap_address
+
+    host, _, port = canonicalize_bootstrap_address(target).rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+def _check_reachable(target: str, timeout_s: float = RAY_CONNECT_TIMEOUT_S) -> None:
+    """Fails at once for a cluster that does not accept TCP connections.
+
+    ``ray.init`` would retry such an address for a quarter of an hour (20 attempts of
+    about 40 s each, in Ray 2.60), so the address is tried here first, with one short
+    TCP connection.
+
+    Raises:
+      OSError: when the connection is refused or times out (ConnectionError for
+        ``"auto"`` without a cluster).
+      ValueError: for a malformed address.
+    """
+    host, port = _dialed_address(target)
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s):
+            pass
+    except OSError as e:
+        raise OSError(f"{host}:{port}: {e}") from e
+
+
+@contextlib.contextmanager
+def _local_ray_settings() -> Iterator[None]:
+    """Makes a local cluster started inside the block private to this machine and Python.
+
+    * Ray's servers (GCS, raylet, workers) listen on 127.0.0.1 only when the node's IP is
+      127.0.0.1, but on Linux Ray replaces a requested 127.0.0.1 by the machine's outward
+      address, and so listens on every interface, unless multi-node clusters are turned
+      off (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``).
+    * Under ``uv run``, Ray's uv hook would copy the working directory and build a second
+      virtualenv for the workers; ``RAY_ENABLE_UV_RUN_RUNTIME_ENV=0`` keeps this Python.
+
+    Ray reads both once, when imported, so they are turned off in the environment (for the
+    processes Ray starts) and in the imported constants (for this one; those this Ray
+    version has), and restored after the block.
+    """
+    from ray._private import ray_constants
+
+    settings = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "ENABLE_RAY_CLUSTER",
+                "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "RAY_ENABLE_UV_RUN_RUNTIME_ENV"}
+    saved_env = {name: os.environ.get(name) for name in settings}
+    saved_constants = {const: getattr(ray_constants, const) for const in settings.values()
+                       if hasattr(ray_constants, const)}
+    try:
+        for name in settings:
+            os.environ[name] = "0"
+        for const in saved_constants:
+            setattr(ray_constants, const, False)
+        yield
+    finally:
+        for name, value in saved_env.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        for const, value in saved_constants.items():
+            setattr(ray_constants, const, value)
+
+
+def _ray_init(target: str | None, workers: int) -> None:
+    """``ray.init`` for ``target`` (None: a new local cluster with ``workers`` CPUs)."""
+    import ray
+
+    with warnings.catch_warnings():
+        # Ray starts its daemons with fork + exec, which Python flags once JAX's threads
+        # exist; exec replaces the child at once, so nothing can deadlock.
+        warnings.filterwarnings("ignore", "os.fork", RuntimeWarning)
+        # "local": never join a cluster that `ray start` left recorded on this machine.
+        ray.init(address=target or "local", num_cpus=None if target else workers,
+                 include_dashboard=False, logging_level="WARNING")
+
+
 @contextlib.contextmanager
 def ray_cluster(address: str | None = None, workers: int = 1) -> Iterator[None]:
     """Ray, ready for tasks, for the duration of the ``with`` block.
 
     Joins the cluster at ``address`` (or ``RAY_ADDRESS``), or starts a local one with
     ``workers`` CPUs, and shuts down what it started; if Ray is already initialized, uses it
-    as it is.
+    as it is. A local cluster listens on 127.0.0.1 only and runs its tasks with this Python
+    (see :func:`_local_ray_settings`).
 
     Raises:
-      UserInputError: when the cluster cannot be reached.
+      UserInputError: when the cluster cannot be reached (within seconds: an address that
+        refuses or drops TCP connections is not retried).
     """
     import ray
 
     if ray.is_initialized():
         yield
         return
-    joined = address or os.environ.get("RAY_ADDRESS") or None  # the cluster Ray will join
-    try:
-        with warnings.catch_warnings():
-            # Ray starts its daemons with fork + exec, which Python flags once JAX's threads
-            # exist; exec replaces the child at once, so nothing can deadlock.
-            warnings.filterwarnings("ignore", "os.fork", RuntimeWarning)
-            ray.init(address=address, num_cpus=None if joined else workers,
-                     include_dashboard=False, logging_level="WARNING")
-    except (ConnectionError, ValueError, RuntimeError) as e:
-        raise UserInputError(f"cannot reach the Ray cluster at {joined!r} (--ray-address or "
-                             f"RAY_ADDRESS) ({e}); start one with `ray start --head`, or leave "
-                             "both unset for a local cluster") from e
-    try:
-        yield
-    finally:
-        ray.shutdown()
+    target = _ray_target(address)
+    with _local_ray_settings() if target is None else contextlib.nullcontext():
+        try:
+            if target is not None:
+                _check_reachable(target)
+            _ray_init(target, workers)
+        except (OSError, ValueError, RuntimeError) as e:
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            if target is None:
+                raise UserInputError(f"cannot start a local Ray cluster ({reason})") from e
+            raise UserInputError(
+                f"cannot reach the Ray cluster at {target!r} (--ray-address or RAY_ADDRESS) "
+                f"({reason}); start one with `ray start --head`, or leave both unset for a "
+                "local cluster") from e
+        try:
+            yield
+        finally:
+            ray.shutdown()
+
+
+def _worker_env() -> dict[str, str]:
+    """Environment variables for Ray's workers, as :func:`_worker_init` sets them."""
+    return {"XLA_PYTHON_CLIENT_PREALLOCATE":
+            os.environ.get("XLA_PYTHON_CLIENT_PREALLOCATE", "false")}
 
 
 def _ray_tasks(cfg: StudyConfig, widths: Sequence[int], x64: bool, workers: int,
@@ -177,7 +300,8 @@ def _ray_tasks(cfg: StudyConfig, widths: Sequence[int], x64: bool, workers: int,
     import ray
 
     with ray_cluster(address, workers):
-        task = ray.remote(num_cpus=1, num_gpus=gpus_per_cell)(compute_cell)
+        task = ray.remote(num_cpus=1, num_gpus=gpus_per_cell,
+                          runtime_env={"env_vars": _worker_env()})(compute_cell)
         pending = [task.remote(cfg, w, x64) for w in widths]
         try:
             while pending:

@@ -25,37 +25,38 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ntk_tickets import kernels, masks
+from ntk_tickets import kernels, masks, metrics
 from ntk_tickets.config import StudyConfig
 from ntk_tickets.data import Dataset
 from ntk_tickets.linear import linearize
 from ntk_tickets.models import Model, build_model, parameter_count
+from ntk_tickets.optimizers import LOSSES
 from ntk_tickets.training import (
-    LOSSES,
     TrainingProgram,
     Trajectory,
     batch_order,
     log_spaced_steps,
 )
 
-DIVERGENCE_FACTOR = 1e3  # a loss this many times its initial value (+1) counts as diverged
-
 
 @dataclasses.dataclass
 class CellResult:
-    """Records and bookkeeping of one cell (one width, all seeds)."""
+    """Records and bookkeeping of one cell (one width, all seeds); ``arrays`` are kept with
+    the cell's results (ticket masks, :func:`ntk_tickets.results.mask_arrays`)."""
 
     rows: list[dict[str, Any]]
     status: str
     compile_s: float
     run_s: float
     info: dict[str, Any]
+    arrays: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
 
 
 def _loss(f: np.ndarray, y: np.ndarray, loss: str) -> np.ndarray:
@@ -66,35 +67,19 @@ def _loss(f: np.ndarray, y: np.ndarray, loss: str) -> np.ndarray:
     return np.asarray(loss_fn(jnp.asarray(f), jnp.asarray(y)))
 
 
-def _accuracy(f: np.ndarray, y: np.ndarray) -> np.ndarray:
-    labels = y.argmax(-1) if y.ndim == 2 else y
-    return np.mean(f.argmax(-1) == labels, axis=-1)
-
-
-def _rmse(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    with np.errstate(over="ignore", invalid="ignore"):  # diverged outputs give inf/NaN rows
-        return np.sqrt(np.mean((a - b) ** 2, axis=(-2, -1)))
-
-
 def _first_divergence(losses: np.ndarray, steps: np.ndarray) -> int | None:
     """The first recorded step whose loss is non-finite or blew up; None if none did."""
-    bad = ~np.isfinite(losses) | (losses > DIVERGENCE_FACTOR * (abs(losses[0]) + 1.0))
+    bad = metrics.blew_up(losses)
     return int(steps[np.argmax(bad)]) if bad.any() else None
 
 
-def _path_rows(path: str, seeds, steps, data: Dataset, loss: str, f_train, f_test,
-               f_test_exact) -> list[dict[str, Any]]:
-    """Loss, accuracy and (against exact) function gap rows for outputs (s, r, n, k)."""
+def path_rows(outputs: metrics.PathOutputs, seeds, steps,
+              names: Sequence[str]) -> list[dict[str, Any]]:
+    """Records of the metrics ``names`` (registry :data:`ntk_tickets.metrics.METRICS`) that
+    one path's outputs support, NaN after divergence."""
     rows = []
-    per_split = {"train": (f_train, data.y_train), "test": (f_test, data.y_test)}
-    for split, (f, y) in per_split.items():
-        values = {"loss": _loss(f, y, loss)}
-        if data.n_classes:
-            values["accuracy"] = _accuracy(f, y)
-        for metric, v in values.items():
-            rows += _grid_rows(path, seeds, steps, split, metric, v)
-    if f_test_exact is not None and path != "exact":
-        rows += _grid_rows(path, seeds, steps, "test", "function_gap", _rmse(f_test, f_test_exact))
+    for (split, metric), values in metrics.path_values(outputs, names).items():
+        rows += _grid_rows(outputs.path, seeds, steps, split, metric, values)
     return rows
 
 
@@ -105,17 +90,6 @@ def _grid_rows(path, seeds, steps, split, metric, values) -> list[dict[str, Any]
          "value": float(values[i, j])}
         for i, seed in enumerate(seeds) for j, step in enumerate(steps)
     ]
-
-
-def _weight_change_rows(path, seeds, steps, model: Model, trajectory) -> list[dict[str, Any]]:
-    sq_change = np.asarray(trajectory.sq_change)  # (s, r, layers)
-    sq_norm0 = np.asarray(trajectory.sq_norm0)  # (s, layers)
-    total = np.sqrt(sq_change.sum(-1) / sq_norm0.sum(-1)[:, None])
-    rows = _grid_rows(path, seeds, steps, "none", "weight_change", total)
-    for i, name in enumerate(model.layer_names):
-        per_layer = np.sqrt(sq_change[..., i] / sq_norm0[:, None, i])
-        rows += _grid_rows(path, seeds, steps, "none", f"weight_change/{name}", per_layer)
-    return rows
 
 
 def _unstack(tree, i):
@@ -176,7 +150,7 @@ def training_programs(cfg: StudyConfig, model: Model,
     programs = {}
     if "exact" in cfg.paths:
         probe = None
-        if "ntk_change" in cfg.metrics:
+        if any("probe_kernel" in metrics.METRICS[m].needs for m in cfg.metrics):
             probe = functools.partial(kernels.probe_ntk, model.apply_fn)
         programs["exact"] = TrainingProgram(lambda p, p0, x: model.apply_fn(p, x), cfg.train,
                                             steps, probe_kernel_fn=probe)
@@ -185,22 +159,28 @@ def training_programs(cfg: StudyConfig, model: Model,
     return programs
 
 
+def outputs_of(path: str, data: Dataset, cfg: StudyConfig, f_train, f_test,
+               f_test_exact: np.ndarray | None = None, traj: Trajectory | None = None,
+               layer_names: Sequence[str] = ()) -> metrics.PathOutputs:
+    """The :class:`~ntk_tickets.metrics.PathOutputs` of one path (outputs (s, r, n, k))."""
+    return metrics.PathOutputs(
+        path, np.asarray(f_train), np.asarray(f_test), data.y_train, data.y_test,
+        functools.partial(_loss, loss=cfg.train.loss), data.n_classes, f_test_exact,
+        sq_change=None if traj is None else np.asarray(traj.sq_change),
+        sq_norm0=None if traj is None else np.asarray(traj.sq_norm0),
+        layer_names=layer_names,
+        probe_kernel=(None if traj is None or traj.probe_kernel is None
+                      else np.asarray(traj.probe_kernel)))
+
+
 def trajectory_rows(path: str, setup: CellSetup, traj: Trajectory, data: Dataset,
                     cfg: StudyConfig, f_test_exact: np.ndarray | None) -> list[dict[str, Any]]:
-    """Records of one trained path: loss, accuracy, function gap (against ``f_test_exact``,
-    outputs (s, r, n_test, k) of the exact path with the same mask), weight change and
-    NTK change, each only if ``cfg.metrics`` lists it."""
-    seeds, steps = setup.seeds, setup.steps
-    rows = _path_rows(path, seeds, steps, data, cfg.train.loss, np.asarray(traj.f_train),
-                      np.asarray(traj.f_test),
-                      f_test_exact if "function_gap" in cfg.metrics else None)
-    if "weight_change" in cfg.metrics:
-        rows += _weight_change_rows(path, seeds, steps, setup.model, traj)
-    if traj.probe_kernel is not None:  # (s, r, m, m): K_t against K_0, per seed and step
-        change = jax.vmap(jax.vmap(kernels.relative_frobenius, in_axes=(0, None)))(
-            traj.probe_kernel, traj.probe_kernel[:, 0])
-        rows += _grid_rows(path, seeds, steps, "probe", "ntk_change", np.asarray(change))
-    return [r for r in rows if r["metric"].split("/")[0] in cfg.metrics]
+    """Records of one trained path: every metric of ``cfg.metrics`` that its trajectory
+    supports (the function gap against ``f_test_exact``, outputs (s, r, n_test, k) of the
+    exact path with the same mask)."""
+    outputs = outputs_of(path, data, cfg, traj.f_train, traj.f_test, f_test_exact, traj,
+                         setup.model.layer_names)
+    return path_rows(outputs, setup.seeds, setup.steps, cfg.metrics)
 
 
 @dataclasses.dataclass
@@ -255,8 +235,10 @@ def run_dense(cfg: StudyConfig, data: Dataset, width: int) -> DenseCell:
     f_test_exact = (np.asarray(trajectories["exact"].f_test) if "exact" in trajectories
                     else None)
     for path, (f_train, f_test) in outputs.items():
-        rows += _path_rows(path, seeds, steps, data, cfg.train.loss, f_train, f_test,
-                           f_test_exact if "function_gap" in cfg.metrics else None)
+        rows += path_rows(outputs_of(path, data, cfg, f_train, f_test, f_test_exact),
+                          seeds, steps, cfg.metrics)
+        info["diverged_step"][path] = divergence_by_seed(seeds, steps, f_train, data.y_train,
+                                                         cfg.train.loss)
     rows = [r for r in rows if r["metric"].split("/")[0] in cfg.metrics]
     for path, traj in trajectories.items():
         rows += trajectory_rows(path, setup, traj, data, cfg, f_test_exact)

@@ -4,18 +4,7 @@ Each builder returns a :class:`Model`: the stax triple ``(init_fn, apply_fn, ker
 so the finite network and its infinite-width kernels share one parameterization, plus the
 names of the parameterized layers for per-layer metrics.
 
-Architectures (``model.arch``):
-
-* ``mlp``: ``Flatten → [Dense(width) → act] × depth → Dense(n_out)``.
-* ``resmlp``: ``Flatten → Dense(width) → [x + Dense(width)(act(x))] × depth → act →
-  Dense(n_out)``; the residual branches make depth cheap to train.
-* ``cnn1d`` / ``cnn2d``: ``[Conv(width, kernel_size, SAME) → act] × depth → Flatten →
-  Dense(n_out)`` on ``(length, channels)`` signals or ``(height, width, channels)`` images;
-  the number of channels is the width knob.
-
-Activations: ``relu``, ``erf`` and ``gelu`` have closed-form kernels in neural-tangents;
-``tanh`` has none and uses ``stax.ElementwiseNumerical`` (Gauss–Hermite quadrature of the
-kernel integrals, degree :data:`TANH_QUADRATURE_DEGREE`).
+Architectures and activations are the registry entries of :mod:`ntk_tickets.architectures`.
 
 Parameters are the plain nested lists/tuples that stax produces; ``params[i]`` belongs to
 layer ``i`` of the top-level ``stax.serial``. :attr:`Model.layer_names` names the top-level
@@ -26,28 +15,20 @@ References: Novak et al. 2020, "Neural Tangents" (arXiv 1912.02803); Lee et al. 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import math
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 
 from ntk_tickets._nt import stax
+from ntk_tickets.architectures import ARCHITECTURES, dense
 from ntk_tickets.config import ModelConfig
 from ntk_tickets.errors import UserInputError
-
-TANH_QUADRATURE_DEGREE = 25
-
-# Residual blocks here end their branch in a Dense layer, so the FanInSum inputs are
-# uncorrelated at init and neural-tangents' independence assumption holds; its generic
-# warning is noise. Likewise the numerical-activation notes for tanh, whose derivative
-# autodiff computes without the `where` pitfall the warning is about.
-for _message in ("`FanIn` layers assume independent inputs", "Numerical Activation Layer",
-                 "Using JAX autodiff to compute the `fn` derivative"):
-    warnings.filterwarnings("ignore", message=_message, category=UserWarning)
 
 PyTree = Any
 
@@ -83,66 +64,36 @@ class Model:
         return params
 
 
-def _activation(name: str):
-    if name == "relu":
-        return stax.Relu()
-    if name == "erf":
-        return stax.Erf()
-    if name == "gelu":
-        return stax.Gelu()
-    if name == "tanh":
-        return stax.ElementwiseNumerical(jnp.tanh, deg=TANH_QUADRATURE_DEGREE)
-    raise UserInputError(f"model.activation = {name!r} is not supported")
+# neural-tangents' generic notes, silenced where they are noise: residual branches here end
+# in a Dense layer, so FanInSum's inputs are uncorrelated at init and its independence
+# assumption holds; tanh's derivative is taken by autodiff without the `where` pitfall.
+_NOISE = ("`FanIn` layers assume independent inputs", "Numerical Activation Layer",
+          "Using JAX autodiff to compute the `fn` derivative")
 
 
-def _dense(cfg: ModelConfig, width: int):
-    return stax.Dense(width, W_std=cfg.w_std, b_std=cfg.b_std,
-                      parameterization=cfg.parameterization)
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Silences :data:`_NOISE` inside the block only (the process's filters are restored)."""
+    with warnings.catch_warnings():
+        for message in _NOISE:
+            warnings.filterwarnings("ignore", message=message, category=UserWarning)
+        yield
 
 
-def _conv(cfg: ModelConfig, width: int, n_spatial: int):
-    return stax.Conv(width, (cfg.kernel_size,) * n_spatial, padding="SAME", W_std=cfg.w_std,
-                     b_std=cfg.b_std, parameterization=cfg.parameterization)
-
-
-def _mlp_layers(cfg: ModelConfig, width: int) -> tuple[list, list[str]]:
-    layers, names = [stax.Flatten()], [None]
-    for i in range(cfg.depth):
-        layers += [_dense(cfg, width), _activation(cfg.activation)]
-        names += [f"dense_{i}", None]
-    return layers, names
-
-
-def _resmlp_layers(cfg: ModelConfig, width: int) -> tuple[list, list[str]]:
-    layers, names = [stax.Flatten(), _dense(cfg, width)], [None, "dense_in"]
-    for i in range(cfg.depth):
-        branch = stax.serial(_activation(cfg.activation), _dense(cfg, width))
-        layers.append(stax.serial(stax.FanOut(2), stax.parallel(stax.Identity(), branch),
-                                  stax.FanInSum()))
-        names.append(f"block_{i}")
-    layers.append(_activation(cfg.activation))
-    names.append(None)
-    return layers, names
-
-
-def _cnn_layers(cfg: ModelConfig, width: int, n_spatial: int) -> tuple[list, list[str]]:
-    layers, names = [], []
-    for i in range(cfg.depth):
-        layers += [_conv(cfg, width, n_spatial), _activation(cfg.activation)]
-        names += [f"conv_{i}", None]
-    layers.append(stax.Flatten())
-    names.append(None)
-    return layers, names
-
-
-_SPATIAL_DIMS = {"cnn1d": 1, "cnn2d": 2}
+def _quietly(fn: Callable) -> Callable:
+    """``fn`` with :data:`_NOISE` silenced while it runs."""
+    @functools.wraps(fn)
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        with _quiet():
+            return fn(*args, **kwargs)
+    return wrapped
 
 
 def _check_input_shape(arch: str, input_shape: Sequence[int]) -> None:
-    if arch in _SPATIAL_DIMS and len(input_shape) != _SPATIAL_DIMS[arch] + 1:
-        expected = "(length, channels)" if arch == "cnn1d" else "(height, width, channels)"
+    need = ARCHITECTURES[arch].input_shape
+    if need is not None and len(input_shape) != ARCHITECTURES[arch].input_rank():
         raise UserInputError(
-            f"model.arch = {arch!r} needs inputs of shape {expected}, but the data's inputs "
+            f"model.arch = {arch!r} needs inputs of shape {need}, but the data's inputs "
             f"have shape {tuple(input_shape)}: choose another model.arch or data.name"
         )
 
@@ -163,19 +114,15 @@ def build_model(cfg: ModelConfig, width: int, input_shape: Sequence[int], n_out:
       UserInputError: if the architecture does not fit the input shape.
     """
     _check_input_shape(cfg.arch, input_shape)
-    if cfg.arch == "mlp":
-        layers, names = _mlp_layers(cfg, width)
-    elif cfg.arch == "resmlp":
-        layers, names = _resmlp_layers(cfg, width)
-    else:
-        layers, names = _cnn_layers(cfg, width, _SPATIAL_DIMS[cfg.arch])
-    layers.append(_dense(cfg, n_out))
+    with _quiet():
+        layers, names = ARCHITECTURES[cfg.arch].hidden(cfg, width, stax)
+        layers.append(dense(cfg, n_out, stax))
+        init_fn, apply_fn, kernel_fn = stax.serial(*layers)
     names.append("readout")
-    init_fn, apply_fn, kernel_fn = stax.serial(*layers)
     return Model(
         init_fn=init_fn,
         apply_fn=apply_fn,
-        kernel_fn=kernel_fn,
+        kernel_fn=_quietly(kernel_fn),
         layer_names=tuple(n for n in names if n is not None),
         width=width,
         input_shape=tuple(input_shape),

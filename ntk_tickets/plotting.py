@@ -32,7 +32,6 @@ Example::
 from __future__ import annotations
 
 import io
-import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -45,86 +44,33 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import NullLocator
 
 from ntk_tickets.errors import UserInputError
-from ntk_tickets.scaling import SCALING_METRICS, scaling_table
+from ntk_tickets.metrics import metric_label, scaling_metrics
+from ntk_tickets.scaling import scaling_table
+from ntk_tickets.select import (
+    CONTROL_MASKS,
+    PATH_ORDER,
+    final_step,
+    ordered,
+    perturbation_runs,
+    score_metric,
+    seed_stats,
+    training_runs,
+)
 
 if TYPE_CHECKING:
     import pandas as pd
 
-#: Paths in the order (and colour order) they are drawn; others follow alphabetically.
-PATH_ORDER = ("exact", "linear", "entk", "ntk", "nngp")
-#: Control masks (drawn dotted, after the ticket families).
-CONTROL_MASKS = ("random", "shuffle", "reinit")
 FIGURES = "figures"
 
-_METRIC_LABELS = {
-    "loss": "loss",
-    "accuracy": "accuracy",
-    "weight_change": r"relative weight change $\|\theta_t - \theta_0\| / \|\theta_0\|$",
-    "ntk_change": r"NTK change $\|\Theta_t - \Theta_0\|_F / \|\Theta_0\|_F$",
-    "function_gap": "function gap (test RMSE against exact)",
-    "ntk_init_error": r"NTK at init vs analytic $\|\hat\Theta_0 - \Theta\|_F / \|\Theta\|_F$",
-    "variance": "predictive variance (mean over test points)",
-    "mask_overlap": "Jaccard overlap of kept weights",
-}
 _PANEL_SIZE = (3.8, 3.2)
 
 
 # ----------------------------------------------------------------------------- selection
 
 
-def final_step(records: pd.DataFrame) -> pd.DataFrame:
-    """The rows at the last recorded step of each (width, seed, path, mask, round, split,
-    metric, eps) group (ntk_init_error, recorded at step 0 only, keeps its step 0).
-
-    Args:
-      records: tidy records (``RECORD_COLUMNS``).
-
-    Returns:
-      The subset of ``records`` with one step per group.
-    """
-    eps = records["eps"] if "eps" in records.columns else np.nan
-    keyed = records.assign(_eps=eps).fillna({"_eps": -math.inf})
-    keys = ["width", "seed", "path", "mask", "round", "split", "metric", "_eps"]
-    last = keyed.groupby(keys)["step"].transform("max")
-    return records[records["step"] == last]
-
-
-def score_metric(records: pd.DataFrame, path: str | None = None) -> str:
-    """``"accuracy"`` when test accuracy is recorded (on ``path``, if given), else ``"loss"``
-    (regression studies have no accuracy)."""
-    rows = records[(records["metric"] == "accuracy") & (records["split"] == "test")]
-    if path is not None:
-        rows = rows[rows["path"] == path]
-    return "accuracy" if len(rows) else "loss"
-
-
-def metric_label(metric: str) -> str:
-    """A readable axis label for a metric name (``weight_change/<layer>`` included)."""
-    if metric in _METRIC_LABELS:
-        return _METRIC_LABELS[metric]
-    base, _, layer = metric.partition("/")
-    if layer and base in _METRIC_LABELS:
-        return f"{_METRIC_LABELS[base]}, layer {layer}"
-    return metric.replace("_", " ")
-
-
 def _path_color(path: str) -> str:
     """The same colour for a path in every figure (grey for a path outside ``PATH_ORDER``)."""
     return f"C{PATH_ORDER.index(path)}" if path in PATH_ORDER else "C7"
-
-
-def _ordered(names, first: Sequence[str] = (), last: Sequence[str] = ()) -> list[str]:
-    """``names`` without repeats: those in ``first`` in that order, then the others sorted,
-    then those in ``last`` in that order."""
-    names = set(names)
-    middle = sorted(names - set(first) - set(last))
-    return ([n for n in first if n in names] + middle + [n for n in last if n in names])
-
-
-def _seed_stats(frame: pd.DataFrame, by: list[str]) -> pd.DataFrame:
-    """Mean, sample std (0 for one seed), min, max and number of seeds of ``value``."""
-    stats = frame.groupby(by)["value"].agg(["mean", "std", "min", "max", "count"])
-    return stats.fillna({"std": 0.0}).reset_index()
 
 
 def _panels(n: int) -> tuple[Figure, list[Axes]]:
@@ -192,8 +138,8 @@ def loss_curves(records: pd.DataFrame, *, metric: str = "loss", split: str = "te
     Raises:
       ValueError: when the records hold no such values.
     """
-    rows = records[(records["metric"] == metric) & (records["split"] == split)
-                   & (records["mask"] == mask) & records["eps"].isna()]
+    runs = training_runs(records)
+    rows = runs[(runs["metric"] == metric) & (runs["split"] == split) & (runs["mask"] == mask)]
     if pruning_round is None and len(rows):
         pruning_round = int(rows["round"].max())
     rows = rows[rows["round"] == pruning_round]
@@ -201,8 +147,8 @@ def loss_curves(records: pd.DataFrame, *, metric: str = "loss", split: str = "te
         raise ValueError(f"no {split} {metric!r} records for mask {mask!r}"
                          + (f" round {pruning_round}" if pruning_round is not None else ""))
     widths = sorted(rows["width"].unique())
-    paths = _ordered(rows["path"].unique(), PATH_ORDER)
-    stats = _seed_stats(rows, ["width", "path", "step"])
+    paths = ordered(rows["path"].unique(), PATH_ORDER)
+    stats = seed_stats(rows, ["width", "path", "step"])
     fig, axes = _panels(len(widths))
     for ax, width in zip(axes, widths, strict=True):
         for path in paths:
@@ -293,7 +239,7 @@ def metric_vs_width(records: pd.DataFrame, metric: str, *, summary: pd.DataFrame
         summary = scaling_table(records, metrics=[metric])
     fig = Figure(figsize=(5.6, 4.4), layout="constrained")
     ax = fig.subplots()
-    for path in _ordered(rows["path"].unique(), PATH_ORDER):
+    for path in ordered(rows["path"].unique(), PATH_ORDER):
         values = rows[rows["path"] == path]
         color = _path_color(path)
         ax.scatter(values["width"], values["value"], color=color, alpha=0.3, s=12,
@@ -343,15 +289,16 @@ def ticket_accuracy(records: pd.DataFrame, *, path: str = "exact") -> Figure:
       ValueError: when the records hold no masked networks on ``path``.
     """
     metric = score_metric(records, path)
-    rows = final_step(records[(records["metric"] == metric) & (records["split"] == "test")
-                              & (records["path"] == path) & (records["mask"] != "perturb")])
+    runs = training_runs(records)
+    rows = final_step(runs[(runs["metric"] == metric) & (runs["split"] == "test")
+                           & (runs["path"] == path)])
     masked = rows[rows["mask"] != "dense"]
     if masked.empty:
         raise ValueError(f"no masked networks on path {path!r} in these records")
-    dense = _seed_stats(rows[rows["mask"] == "dense"], ["width"]).set_index("width")
-    stats = _seed_stats(masked, ["width", "mask", "sparsity"])
+    dense = seed_stats(rows[rows["mask"] == "dense"], ["width"]).set_index("width")
+    stats = seed_stats(masked, ["width", "mask", "sparsity"])
     widths = sorted(rows["width"].unique())
-    families = _ordered(masked["mask"].unique(), last=CONTROL_MASKS)
+    families = ordered(masked["mask"].unique(), last=CONTROL_MASKS)
     logit = bool(np.all((masked["sparsity"] > 0) & (masked["sparsity"] < 1)))
     fig, axes = _panels(len(widths))
     for ax, width in zip(axes, widths, strict=True):
@@ -412,7 +359,7 @@ def mask_overlap(records: pd.DataFrame) -> Figure:
     if rows.empty:
         raise ValueError("no mask_overlap records: run a ticket study with "
                          "tickets.search_path = \"both\"")
-    stats = _seed_stats(rows, ["mask", "round", "width"])
+    stats = seed_stats(rows, ["mask", "round", "width"])
     sparsities = rows.groupby(["mask", "round"])["sparsity"].mean()
     masks = sorted(stats["mask"].unique())
     fig = Figure(figsize=(5.6, 4.4), layout="constrained")
@@ -457,11 +404,12 @@ def perturbation_curves(records: pd.DataFrame, *, path: str = "exact") -> Figure
     metric = score_metric(records, path)
     rows = final_step(records[(records["metric"] == metric) & (records["split"] == "test")
                               & (records["path"] == path)])
-    perturbed = rows[rows["mask"] == "perturb"]
+    perturbed = perturbation_runs(rows)
     if perturbed.empty:
-        raise ValueError(f"no perturbation records (mask 'perturb') on path {path!r}")
-    stats = _seed_stats(perturbed, ["width", "eps"])
-    dense = _seed_stats(rows[rows["mask"] == "dense"], ["width"]).set_index("width")
+        raise ValueError(f"no perturbation records (experiment 'perturb') on path {path!r}")
+    stats = seed_stats(perturbed, ["width", "eps"])
+    dense = seed_stats(training_runs(rows[rows["mask"] == "dense"]),
+                       ["width"]).set_index("width")
     eps = np.sort(perturbed["eps"].unique())
     positive = eps[eps > 0]
     fig = Figure(figsize=(5.6, 4.4), layout="constrained")
@@ -499,7 +447,8 @@ def study_figures(records: pd.DataFrame, *,
     """Every standard figure whose data these records hold, by name.
 
     Names: ``loss_test`` and ``accuracy_test`` (:func:`loss_curves` of the dense network),
-    ``<metric>_vs_width`` for the metrics of :data:`SCALING_METRICS` with positive values at
+    ``<metric>_vs_width`` for the metrics of :func:`~ntk_tickets.metrics.scaling_metrics` with
+    positive values at
     two or more widths, ``ticket_accuracy`` (exact path) and ``ticket_accuracy_<path>``
     (other paths), ``mask_overlap`` and ``perturbation``.
 
@@ -515,24 +464,24 @@ def study_figures(records: pd.DataFrame, *,
     for metric in ("loss", "accuracy"):
         if (dense["metric"] == metric).any():
             figures[f"{metric}_test"] = loss_curves(records, metric=metric)
-    final = final_step(records[records["metric"].isin(SCALING_METRICS)
+    final = final_step(records[records["metric"].isin(scaling_metrics())
                                & (records["mask"] == "dense") & (records["path"] != "none")])
     final = final[np.isfinite(final["value"]) & (final["value"] > 0)]
-    scaled = [m for m in SCALING_METRICS
+    scaled = [m for m in scaling_metrics()
               if final.loc[final["metric"] == m, "width"].nunique() >= 2]
     if scaled and summary is None:
-        summary = scaling_table(records, metrics=list(SCALING_METRICS))
+        summary = scaling_table(records, metrics=list(scaling_metrics()))
     for metric in scaled:
         figures[f"{metric}_vs_width"] = metric_vs_width(records, metric, summary=summary)
-    masked = records[~records["mask"].isin(["dense", "perturb"]) & (records["path"] != "none")
-                     & (records["split"] == "test")]
-    for path in _ordered(masked["path"].unique(), PATH_ORDER):
+    runs = training_runs(records)
+    masked = runs[(runs["mask"] != "dense") & (runs["path"] != "none") & (runs["split"] == "test")]
+    for path in ordered(masked["path"].unique(), PATH_ORDER):
         name = "ticket_accuracy" if path == "exact" else f"ticket_accuracy_{path}"
         figures[name] = ticket_accuracy(records, path=path)
     if (records["metric"] == "mask_overlap").any():
         figures["mask_overlap"] = mask_overlap(records)
-    perturbed = records[(records["mask"] == "perturb") & (records["split"] == "test")]
-    for path in _ordered(perturbed["path"].unique(), PATH_ORDER):
+    perturbed = perturbation_runs(records[records["split"] == "test"])
+    for path in ordered(perturbed["path"].unique(), PATH_ORDER):
         name = "perturbation" if path == "exact" else f"perturbation_{path}"
         figures[name] = perturbation_curves(records, path=path)
     return figures

@@ -1,30 +1,40 @@
 """The results store: one folder per study, written atomically, resumable after a crash.
 
-Layout of a results folder ``DIR``::
+Layout of a results folder ``DIR`` (results format :data:`FORMAT_VERSION`)::
 
     DIR/
-      manifest.json              {"format_version", "config", "config_hash", "environment",
-                                  "data_fingerprint", "cells": {cell_id: {"status",
-                                  "compile_s", "run_s", "rows", "finished", ...info}},
-                                  "created", "updated"}
+      manifest.json              {"format_version", "config" (the latest run's),
+                                  "identity", "identity_hash" (the config without widths,
+                                  seeds and name: what every cell shares), "x64",
+                                  "environment" (at creation), "data_fingerprint",
+                                  "cells": {cell_id: {"status", "width", "seeds",
+                                  "compile_s", "run_s", "rows", "finished", "environment",
+                                  ...info}}, "created", "updated"}
       records.parquet            the tidy long table (RECORD_COLUMNS): all finished cells,
                                  concatenated in sorted cell-id order
       cells/<cell_id>.parquet    the records of one finished cell (status done or diverged)
+      arrays/<cell_id>.npz       arrays kept with a cell: ticket masks (:func:`load_masks`)
       .lock                      held with flock by the one process that writes DIR
 
-The cell files are the source of truth: ``records.parquet`` and the manifest's cell list are
-derived from them. Every file is replaced atomically (temporary file in the same folder,
-fsync, ``os.replace``), and :meth:`ResultsStore.write_cell` writes the cell file first, then
-``records.parquet``, then ``manifest.json``. Opening a store reconciles whatever a crash left
-between those steps: a cell file missing from the manifest is entered as done (timings
-null), a finished cell whose file is gone is dropped (so it is recomputed), and
-``records.parquet`` is rebuilt when its row count differs from the cells' total.
+A cell is one width and the seeds vmapped in it, so a study grows: adding widths or seeds
+computes only the new cells, and a config that differs in anything else is refused, naming
+the differing fields. Each cell records the environment it ran under (versions, git SHA,
+device, host).
+
+The manifest is the proof of ownership: a cell is entered (status ``pending``) before its
+files are written, and the store deletes only files that the manifest names, or its own
+temporary files (``.<name>.<8 hex>.tmp``). A folder that is not empty and holds no manifest
+is refused unless ``force``, and even then nothing in it is deleted. Every file is replaced
+atomically (temporary file in the same folder, fsync, ``os.replace``). Opening a store
+reconciles whatever a crash left: a pending cell whose records file is complete is entered
+as done, one without is dropped (so it is recomputed), and ``records.parquet`` is rebuilt
+when its row count differs from the cells' total.
 
 Example::
 
-    with ResultsStore("results/s", config_to_dict(cfg), config_hash(cfg),
-                      data.fingerprint, x64=cfg.train.x64) as store:
-        for cell_id in ("width=64,seed=0", "width=256,seed=0"):
+    with ResultsStore("results/s", config_to_dict(cfg), data.fingerprint,
+                      x64=cfg.train.x64) as store:
+        for cell_id in ("w00064_s0-1", "w00256_s0-1"):
             if cell_id in store.done_cells():
                 continue                        # finished by an earlier run: never recomputed
             store.write_cell(cell_id, records_frame(rows), "done", compile_s=1.2, run_s=3.4)
@@ -47,7 +57,7 @@ import os
 import platform
 import re
 import secrets
-import shutil
+import socket
 import subprocess
 import warnings
 from collections.abc import Mapping, Sequence
@@ -63,18 +73,19 @@ if TYPE_CHECKING:
 
 RECORD_COLUMNS: tuple[str, ...] = (
     "width", "seed", "path", "mask", "sparsity", "round", "step", "split", "metric", "value",
-    "eps",
+    "eps", "experiment",
 )
 # Column kinds: "int" → int64, "float" → float64, "str" → pandas' string dtype.
 _KINDS = {
     "width": "int", "seed": "int", "path": "str", "mask": "str", "sparsity": "float",
     "round": "int", "step": "int", "split": "str", "metric": "str", "value": "float",
-    "eps": "float",
+    "eps": "float", "experiment": "str",
 }
 _DTYPES = {"int": "int64", "float": "float64", "str": str}
 REQUIRED_COLUMNS: tuple[str, ...] = ("width", "seed", "path", "step", "metric", "value")
 RECORD_DEFAULTS: Mapping[str, Any] = {
     "mask": "dense", "sparsity": 0.0, "round": 0, "split": "none", "eps": math.nan,
+    "experiment": "train",
 }
 
 STATUSES = ("done", "diverged", "failed")
@@ -83,9 +94,13 @@ FINISHED = ("done", "diverged")  # cells with records, never recomputed
 MANIFEST = "manifest.json"
 RECORDS = "records.parquet"
 CELLS = "cells"
+ARRAYS = "arrays"
 LOCK = ".lock"
-FORMAT_VERSION = 1
+#: The results format; 2 added the ``experiment`` column, study identities, per-cell
+#: environments and saved masks (README, "Results format").
+FORMAT_VERSION = 2
 _TMP_SUFFIX = ".tmp"
+_TMP_NAME = re.compile(r"\.(.+)\.[0-9a-f]{8}\.tmp")
 _CELL_ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.,=+@-]{0,199}")
 _RESERVED_INFO = ("status", "compile_s", "run_s", "rows", "finished")
 _DISTRIBUTIONS = {
@@ -261,6 +276,12 @@ def _parquet_bytes(frame: pd.DataFrame) -> bytes:
     return buffer.getvalue()
 
 
+def _npz_bytes(arrays: Mapping[str, np.ndarray]) -> bytes:
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, **{k: np.asarray(v) for k, v in arrays.items()})
+    return buffer.getvalue()
+
+
 def _json_bytes(value: Any) -> bytes:
     return (json.dumps(_jsonable(value), indent=2, allow_nan=False) + "\n").encode()
 
@@ -309,6 +330,18 @@ def _run_hint(folder: Path) -> str:
     return f"run `ntk-tickets run CONFIG --out {folder}` first"
 
 
+def intact(folder: Path, cells: Mapping[str, Mapping[str, Any]]) -> bool:
+    """Whether the records files of ``cells`` (manifest entries) and ``records.parquet``
+    hold exactly the rows the manifest counts (footers only: cheap, and read-only)."""
+    try:
+        rows = [_parquet_rows(folder / CELLS / f"{cid}.parquet") for cid in cells]
+        total = _parquet_rows(folder / RECORDS) if cells else 0
+    except _read_errors():
+        return False
+    counted = [e.get("rows") for e in cells.values()]
+    return rows == counted and total == sum(rows)
+
+
 def _results_dir(path: str | os.PathLike) -> Path:
     """``path`` as an existing results folder, or a UserInputError that says what to do."""
     folder = Path(path)
@@ -322,7 +355,8 @@ def _results_dir(path: str | os.PathLike) -> Path:
 
 
 def _read_manifest_file(file: Path) -> dict[str, Any]:
-    """The parsed manifest; UserInputError naming ``file`` when missing or corrupted."""
+    """The parsed manifest; UserInputError naming ``file`` when missing, corrupted, of
+    another results format, or with a field of the wrong type (a hand edit)."""
     try:
         manifest = json.loads(file.read_text())
     except FileNotFoundError as e:
@@ -330,11 +364,33 @@ def _read_manifest_file(file: Path) -> dict[str, Any]:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise UserInputError(f"{str(file)!r} is corrupted or not an ntk-tickets manifest "
                              f"({e})") from e
-    if not (isinstance(manifest, dict) and isinstance(manifest.get("config_hash"), str)
-            and isinstance(manifest.get("cells"), dict)):
+    problem = _manifest_problem(manifest)
+    if problem:
         raise UserInputError(f"{str(file)!r} is corrupted or not an ntk-tickets manifest "
-                             "(no config_hash or cells)")
+                             f"({problem})")
     return manifest
+
+
+def _manifest_problem(manifest: Any) -> str | None:
+    """What is wrong with a parsed manifest, or None."""
+    if not isinstance(manifest, dict):
+        return f"a JSON {type(manifest).__name__}, not an object"
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION:
+        return (f"results format {version!r}, this ntk-tickets reads format {FORMAT_VERSION}; "
+                "see the README's results format section")
+    expected = {"config": dict, "identity": dict, "identity_hash": str, "x64": bool,
+                "cells": dict}
+    for key, kind in expected.items():
+        if not isinstance(manifest.get(key), kind):
+            return f"{key!r} must be a JSON {kind.__name__}, got {manifest.get(key)!r:.60}"
+    for cid, entry in manifest["cells"].items():
+        if not (isinstance(entry, dict) and entry.get("status") in (*STATUSES, "pending")):
+            return (f"cell {cid!r} must be an object with a status in "
+                    f"{(*STATUSES, 'pending')}, got {entry!r:.60}")
+        if not _CELL_ID.fullmatch(cid):
+            return f"cell id {cid!r} is not one the store writes"
+    return None
 
 
 def load_manifest(path: str | os.PathLike) -> dict[str, Any]:
@@ -389,6 +445,7 @@ def environment_info(x64: bool) -> dict[str, Any]:
     env.update({key: _dist_version(dist) for key, dist in _DISTRIBUTIONS.items()})
     env["x64"] = bool(x64)
     env["device"] = _device()
+    env["host"] = socket.gethostname()
     env["git_sha"], env["git_dirty"] = _git_state(Path(__file__).resolve().parent.parent)
     return env
 
@@ -477,6 +534,19 @@ def _acquire_lock(folder: Path) -> IO[bytes]:
     return lock
 
 
+def _check_is_study_or_empty(folder: Path) -> None:
+    """Refuses a non-empty folder without a manifest: its files are not ours."""
+    if (folder / MANIFEST).exists():
+        return
+    others = sorted(p.name for p in folder.iterdir() if p.name != LOCK)
+    if others:
+        shown = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
+        raise UserInputError(
+            f"{str(folder)!r} is not empty ({shown}) and holds no ntk-tickets study: "
+            "choose an empty or new --out DIR, or pass --force to write the study next "
+            "to these files (they are never deleted)")
+
+
 def _check_cell_id(cell_id: str) -> None:
     if not (isinstance(cell_id, str) and _CELL_ID.fullmatch(cell_id)):
         raise ValueError(f"cell id {cell_id!r} must be 1-200 characters of letters, digits "
@@ -487,120 +557,150 @@ class ResultsStore:
     """The one writer of a results folder (layout in the module docstring).
 
     Opening creates the folder (and its parents), takes its lock, checks that an existing
-    manifest describes the same study, and reconciles what a crash may have left. Use it as
-    a context manager, or call :meth:`close`, to release the lock.
+    manifest describes the same study (the same :func:`~ntk_tickets.config.study_identity`:
+    widths, seeds and the name may differ), and reconciles what a crash may have left. Use
+    it as a context manager, or call :meth:`close`, to release the lock.
+
+    **Only files the store wrote are ever deleted.** The manifest proves which: a cell is
+    entered in it (status ``pending``) before its files are written, so a file that the
+    manifest does not name (a note, another program's output) is never touched, not even
+    with ``force``.
 
     Args:
       path: the results folder ``DIR``.
       config: the resolved config as plain values (``config_to_dict(cfg)``).
-      config_hash: its hash (``config_hash(cfg)``).
       data_fingerprint: ``Dataset.fingerprint`` (None when unknown; then not compared).
       x64: whether this run computes in float64.
-      force: discard the results already in ``DIR`` (``cells/``, ``records.parquet`` and
-        ``manifest.json``; nothing else) and start fresh.
+      force: discard the results already in ``DIR`` (the files its manifest names) and
+        start fresh; also lets a study start in a non-empty folder that holds no study.
 
     Raises:
       UserInputError: when ``DIR`` cannot be created or written, another run holds its lock,
-        or it holds results of another config, other data or another precision (without
-        ``force``), or a corrupted manifest or cell file.
+        it is a non-empty folder that holds no study (without ``force``), it holds results
+        of another study, other data or another precision (without ``force``), or a
+        corrupted manifest or cell file.
     """
 
-    def __init__(self, path: str | os.PathLike, config: Mapping[str, Any], config_hash: str,
+    def __init__(self, path: str | os.PathLike, config: Mapping[str, Any],
                  data_fingerprint: str | None, x64: bool, *, force: bool = False):
         self.path = Path(path)
         self._frames: dict[str, pd.DataFrame] = {}
         _make_dir(self.path)
+        if not force:
+            _check_is_study_or_empty(self.path)
         self._lock: IO[bytes] | None = _acquire_lock(self.path)
         try:
-            self._manifest = self._open(dict(config), config_hash, data_fingerprint,
-                                        bool(x64), force)
+            self._manifest = self._open(dict(config), data_fingerprint, bool(x64), force)
             self._reconcile()
             # Written only once everything on disk has been checked: a refused open
             # (another study, a corrupted file) leaves the folder exactly as it was.
-            self._write_manifest(self._manifest)
+            self._write_manifest()
         except BaseException:
             self.close()
             raise
 
     # -- opening
 
-    def _open(self, config: dict[str, Any], config_hash: str, data_fingerprint: str | None,
-              x64: bool, force: bool) -> dict[str, Any]:
+    def _open(self, config: dict[str, Any], data_fingerprint: str | None, x64: bool,
+              force: bool) -> dict[str, Any]:
         """The manifest to continue: the existing one (same study) or a fresh one."""
-        env = environment_info(x64)
-        old = None if force else self._existing_manifest()
-        if old is None:
-            self._discard()
-            manifest = {
-                "format_version": FORMAT_VERSION, "config": config, "config_hash": config_hash,
-                "environment": env, "data_fingerprint": data_fingerprint, "cells": {},
-                "created": _now(), "updated": None,
-            }
-        else:
-            self._check_same_study(old, config_hash, data_fingerprint, x64)
-            manifest = {**old, "config": config, "environment": env}
-        return manifest
+        from ntk_tickets.config import identity_hash, study_identity
 
-    def _existing_manifest(self) -> dict[str, Any] | None:
-        """The manifest in DIR; None for a folder with no ntk-tickets results."""
+        old = self._existing_manifest(force)
+        if old is not None and not force:
+            self._check_same_study(old, config, data_fingerprint, x64)
+            return {**old, "config": config}
+        if old is not None:
+            self._discard(old)
+        return {
+            "format_version": FORMAT_VERSION, "config": config,
+            "identity": study_identity(config), "identity_hash": identity_hash(config),
+            "x64": x64, "environment": environment_info(x64),
+            "data_fingerprint": data_fingerprint, "cells": {}, "created": _now(),
+            "updated": None,
+        }
+
+    def _existing_manifest(self, force: bool) -> dict[str, Any] | None:
+        """The manifest in DIR; None for an empty folder (or, with ``force``, a folder with
+        no readable manifest)."""
         file = self.path / MANIFEST
         if file.exists():
             try:
                 return _read_manifest_file(file)
             except UserInputError as e:
+                if force:
+                    return None  # nothing in DIR is provably ours: delete nothing
                 raise UserInputError(f"{e}: choose another --out DIR or pass --force to start "
                                      "over") from e
-        if self._cell_files() or (self.path / RECORDS).exists():
-            raise UserInputError(
-                f"{str(self.path)!r} holds ntk-tickets results but no {MANIFEST}: choose "
-                "another --out DIR or pass --force to discard them")
         return None
 
-    def _check_same_study(self, old: Mapping[str, Any], config_hash: str,
+    def _check_same_study(self, old: Mapping[str, Any], config: Mapping[str, Any],
                           data_fingerprint: str | None, x64: bool) -> None:
-        old_x64 = (old.get("environment") or {}).get("x64")
+        from ntk_tickets.config import differing_fields, identity_hash, study_identity
+
         old_fingerprint = old.get("data_fingerprint")
-        if old["config_hash"] != config_hash:
-            what = f"another config (hash {old['config_hash']}, this one {config_hash})"
+        if old["identity_hash"] != identity_hash(config):
+            fields = differing_fields(old["identity"], study_identity(config))
+            what = (f"another study: {', '.join(fields) or 'the config'} differ"
+                    f"{'s' if len(fields) == 1 else ''} (only model.widths, train.seeds and "
+                    "name may change in one folder)")
         elif old_fingerprint and data_fingerprint and old_fingerprint != data_fingerprint:
             what = f"other data (fingerprint {old_fingerprint}, this data {data_fingerprint})"
-        elif old_x64 is not None and old_x64 != x64:
-            what = f"x64 = {old_x64} (this run has x64 = {x64})"
+        elif old.get("x64") is not None and old["x64"] != x64:
+            what = f"x64 = {old['x64']} (this run has x64 = {x64})"
         else:
             return
         raise UserInputError(f"{str(self.path)!r} holds results of {what}: choose another "
                              "--out DIR or pass --force to discard them")
 
-    def _discard(self) -> None:
-        """Deletes the manifest first, so that a crash midway leaves no claim on the rest."""
+    def _owned_files(self, cell_id: str) -> list[Path]:
+        """The files the store writes for one cell."""
+        return [self.path / CELLS / f"{cell_id}.parquet",
+                self.path / ARRAYS / f"{cell_id}.npz"]
+
+    def _discard(self, old: Mapping[str, Any]) -> None:
+        """Deletes the files ``old`` (a manifest) names, the manifest first, so that a crash
+        midway leaves no claim on the rest."""
         for name in (MANIFEST, RECORDS):
             (self.path / name).unlink(missing_ok=True)
-        shutil.rmtree(self.path / CELLS, ignore_errors=True)
+        for cid in old["cells"]:
+            for file in self._owned_files(cid):
+                file.unlink(missing_ok=True)
 
-    def _cell_files(self) -> dict[str, Path]:
-        folder = self.path / CELLS
-        if not folder.is_dir():
-            return {}
-        return {p.stem: p for p in sorted(folder.glob("*.parquet"))
-                if _CELL_ID.fullmatch(p.stem)}
+    def _remove_temporaries(self) -> None:
+        """Deletes the temporary files a crash left mid-write, only those with the names
+        the store gives its own (``.<our file>.<8 hex>.tmp``)."""
+        ours = {self.path: {MANIFEST, RECORDS}}
+        for cid in self._manifest["cells"]:
+            for file in self._owned_files(cid):
+                ours.setdefault(file.parent, set()).add(file.name)
+        for folder, names in ours.items():
+            if not folder.is_dir():
+                continue
+            for tmp in folder.glob(f".*{_TMP_SUFFIX}"):
+                match = _TMP_NAME.fullmatch(tmp.name)
+                if match and match.group(1) in names:
+                    tmp.unlink(missing_ok=True)
 
     def _reconcile(self) -> None:
-        """Makes the manifest (in memory) and records.parquet agree with the cell files."""
-        (self.path / CELLS).mkdir(exist_ok=True)
-        for folder in (self.path, self.path / CELLS):
-            for tmp in folder.glob(f".*{_TMP_SUFFIX}"):  # left by a crash mid-write
-                tmp.unlink(missing_ok=True)
-        files = self._cell_files()
-        rows = {cid: self._cell_rows(p) for cid, p in files.items()}
+        """Makes the manifest (in memory) and records.parquet agree with the cell files.
+
+        A ``pending`` cell (entered, then the run stopped) whose records file is complete
+        is entered as done; one without is dropped along with its partial files. A finished
+        cell whose records file is gone is dropped (so it is recomputed).
+        """
+        self._remove_temporaries()
         cells = self._manifest["cells"]
-        for cid in files:
-            if cells.get(cid, {}).get("status") not in FINISHED:
-                cells[cid] = {"status": "done", "compile_s": None, "run_s": None,
-                              "rows": rows[cid], "finished": None, "reconciled": True}
-        for cid in [c for c, entry in cells.items() if entry.get("status") in FINISHED]:
-            if cid not in files:
+        for cid, entry in list(cells.items()):
+            file = self._owned_files(cid)[0]
+            if entry["status"] == "pending" and file.exists():
+                entry.update(status="done", rows=self._cell_rows(file), reconciled=True)
+            elif entry["status"] in (*FINISHED, "pending") and not file.exists():
+                for owned in self._owned_files(cid):
+                    owned.unlink(missing_ok=True)
                 del cells[cid]
-        if self._records_rows() != (sum(rows.values()) if files else None):
+        rows = [self._cell_rows(self._owned_files(c)[0]) for c in sorted(self.done_cells())]
+        if self._records_rows() != (sum(rows) if rows else None):
             self._write_records()
 
     def _cell_rows(self, file: Path) -> int:
@@ -618,21 +718,21 @@ class ResultsStore:
 
     # -- writing
 
-    def _write_manifest(self, manifest: dict[str, Any]) -> None:
-        manifest["updated"] = _now()
-        _atomic_write_bytes(self.path / MANIFEST, _json_bytes(manifest))
+    def _write_manifest(self) -> None:
+        self._manifest["updated"] = _now()
+        _atomic_write_bytes(self.path / MANIFEST, _json_bytes(self._manifest))
 
     def _write_records(self) -> None:
         """Rewrites records.parquet from the finished cells (removes it when there are none)."""
         import pandas as pd
 
-        ids = sorted(self._cell_files())
+        ids = sorted(self.done_cells())
         if not ids:
             (self.path / RECORDS).unlink(missing_ok=True)
             return
         for cid in ids:
             if cid not in self._frames:
-                file = self.path / CELLS / f"{cid}.parquet"
+                file = self._owned_files(cid)[0]
                 try:
                     self._frames[cid] = _conform(pd.read_parquet(file))
                 except _read_errors() as e:
@@ -643,15 +743,18 @@ class ResultsStore:
 
     def write_cell(self, cell_id: str, frame: pd.DataFrame | Sequence[Mapping[str, Any]] | None,
                    status: str, compile_s: float | None = None, run_s: float | None = None,
-                   **info: Any) -> None:
-        """Records one finished cell: its records, then records.parquet, then the manifest.
+                   *, arrays: Mapping[str, np.ndarray] | None = None, **info: Any) -> None:
+        """Records one finished cell: the manifest entry (pending), its arrays and records,
+        then records.parquet, then the manifest entry (finished).
 
-        Each of the three files is replaced atomically, in that order, so a crash at any
-        point is reconciled on the next open. Writing a cell again replaces it.
+        Each file is replaced atomically, in that order, so a crash at any point is
+        reconciled on the next open. Writing a cell again replaces it. The cell's entry
+        records the environment it ran under (versions, git SHA, device, host), so a
+        resumed study keeps what each earlier cell ran under.
 
         Args:
-          cell_id: a file-name-safe id such as ``"width=64,seed=0,mask=imp"`` (letters,
-            digits, ``_.,=+@-``).
+          cell_id: a file-name-safe id such as ``"w00064_s0-1"`` (letters, digits,
+            ``_.,=+@-``).
           frame: the cell's records, a DataFrame with RECORD_COLUMNS or rows for
             :func:`records_frame`. Ignored (may be None) for status ``"failed"``: a failed
             cell keeps no records and is run again next time.
@@ -659,8 +762,10 @@ class ResultsStore:
             is not run again) or ``"failed"``.
           compile_s: seconds spent compiling.
           run_s: seconds spent running.
+          arrays: named arrays to keep with the cell (``DIR/arrays/<cell_id>.npz``), e.g.
+            ticket masks (:func:`save_masks` keys).
           **info: JSON-able extras for the manifest entry (e.g. ``diverged_step``,
-            ``sparsity_report``); NumPy/JAX values are converted.
+            ``width``, ``seeds``); NumPy/JAX values are converted.
 
         Raises:
           ValueError: for a bad cell id, status, record table or info value.
@@ -675,22 +780,31 @@ class ResultsStore:
         if clash:
             raise ValueError(f"info keys {clash} are reserved")
         try:
-            entry = _jsonable({"status": status, "compile_s": compile_s, "run_s": run_s, **info})
+            entry = _jsonable({"status": status, "compile_s": compile_s, "run_s": run_s,
+                               **info})
         except TypeError as e:
             raise ValueError(f"cell {cell_id!r}: {e}") from e
         records = _as_records(frame) if status in FINISHED else None
-        cell_file = self.path / CELLS / f"{cell_id}.parquet"
+        cell_file, array_file = self._owned_files(cell_id)
+        cells = self._manifest["cells"]
         try:
+            cells[cell_id] = {**cells.get(cell_id, {}), "status": "pending"}
+            self._write_manifest()  # claims the cell's files before they exist
             if records is None:
                 cell_file.unlink(missing_ok=True)
                 self._frames.pop(cell_id, None)
             else:
+                if arrays:
+                    array_file.parent.mkdir(exist_ok=True)
+                    _atomic_write_bytes(array_file, _npz_bytes(arrays))
+                cell_file.parent.mkdir(exist_ok=True)
                 _atomic_write_bytes(cell_file, _parquet_bytes(records))
                 self._frames[cell_id] = records
+            self._manifest["cells"][cell_id] = {
+                **entry, "rows": 0 if records is None else len(records), "finished": _now(),
+                "environment": environment_info(self._manifest["x64"])}
             self._write_records()
-            entry.update(rows=0 if records is None else len(records), finished=_now())
-            self._manifest["cells"][cell_id] = entry
-            self._write_manifest(self._manifest)
+            self._write_manifest()
         except OSError as e:
             raise UserInputError(f"cannot write {e.filename or self.path} ({e.strerror or e}): "
                                  f"check the free space and permissions of {self.path}") from e
@@ -699,7 +813,7 @@ class ResultsStore:
 
     def done_cells(self) -> set[str]:
         """Ids of the cells finished as done or diverged: never to be computed again."""
-        return {cid for cid, e in self._manifest["cells"].items() if e.get("status") in FINISHED}
+        return {cid for cid, e in self._manifest["cells"].items() if e["status"] in FINISHED}
 
     @property
     def manifest(self) -> dict[str, Any]:
@@ -723,7 +837,99 @@ class ResultsStore:
         return f"ResultsStore({str(self.path)!r}, {len(self.done_cells())} done, {state})"
 
 
-def open_store(path: str | os.PathLike, config: Mapping[str, Any], config_hash: str,
+def open_store(path: str | os.PathLike, config: Mapping[str, Any],
                data_fingerprint: str | None, x64: bool, *, force: bool = False) -> ResultsStore:
     """Opens ``path`` for writing; same as :class:`ResultsStore` (see there)."""
-    return ResultsStore(path, config, config_hash, data_fingerprint, x64, force=force)
+    return ResultsStore(path, config, data_fingerprint, x64, force=force)
+
+
+# ----------------------------------------------------------------------------- masks
+
+
+def _structure(tree: Any, leaves: list[np.ndarray]) -> Any:
+    """A JSON description of a stax PyTree (nested lists and tuples of arrays); appends the
+    arrays to ``leaves`` and puts their index in their place."""
+    if isinstance(tree, list | tuple):
+        return {"list" if isinstance(tree, list) else "tuple":
+                [_structure(t, leaves) for t in tree]}
+    leaves.append(np.asarray(tree))
+    return len(leaves) - 1
+
+
+def _rebuild(structure: Any, leaves: Sequence[np.ndarray]) -> Any:
+    if isinstance(structure, int):
+        return leaves[structure]
+    ((kind, items),) = structure.items()
+    built = [_rebuild(s, leaves) for s in items]
+    return built if kind == "list" else tuple(built)
+
+
+def mask_arrays(masks: Mapping[tuple[str, int], Any], seeds: Sequence[int]) -> dict[str,
+                                                                                  np.ndarray]:
+    """The named arrays that keep a cell's masks in ``DIR/arrays/<cell>.npz``.
+
+    Args:
+      masks: ``{(family, round): mask}``, each mask a PyTree of 0/1 arrays stacked over
+        ``seeds`` (leading axis).
+      seeds: the cell's seeds.
+
+    Returns:
+      ``{"mask/<family>/<round>/<seed>/<leaf>": bool array, "mask_structure": bytes}``.
+    """
+    out: dict[str, np.ndarray] = {}
+    structure = None
+    for (family, round_), stacked in masks.items():
+        leaves: list[np.ndarray] = []
+        structure = _structure(stacked, leaves)
+        for i, seed in enumerate(seeds):
+            for j, leaf in enumerate(leaves):
+                out[f"mask/{family}/{round_}/{int(seed)}/{j}"] = leaf[i].astype(bool)
+    if structure is not None:
+        out["mask_structure"] = np.frombuffer(json.dumps(structure).encode(), np.uint8)
+    return out
+
+
+def load_masks(path: str | os.PathLike, width: int, family: str, round_: int,
+               seed: int) -> Any:
+    """A ticket mask of a results folder, as the PyTree of 0/1 arrays it was trained with.
+
+    Args:
+      path: the results folder of a ticket study.
+      width: the cell's width.
+      family: the mask family (``imp``, ``imp_linear``, ``random``, ``shuffle``, …; the
+        ``mask`` column of the records).
+      round_: the pruning round (1 … ``tickets.rounds``).
+      seed: the seed.
+
+    Returns:
+      A PyTree shaped like the network's parameters (``build_model(...).init``), with
+      bool arrays: True where the weight is kept.
+
+    Raises:
+      UserInputError: naming what is missing (the folder, the cell, the family, round or
+        seed) and what is there.
+    """
+    folder = _results_dir(path)
+    manifest = load_manifest(folder)
+    cells = [cid for cid, e in manifest["cells"].items()
+             if e["status"] in FINISHED and e.get("width") == width
+             and seed in e.get("seeds", ())]
+    if not cells:
+        widths = sorted({e.get("width") for e in manifest["cells"].values()})
+        raise UserInputError(f"{str(folder)!r} has no finished cell of width {width} with "
+                             f"seed {seed} (widths: {widths})")
+    file = folder / ARRAYS / f"{cells[0]}.npz"
+    if not file.exists():
+        raise UserInputError(f"{str(folder)!r} keeps no masks for width {width}: it is not "
+                             "a ticket study (or was written by an older ntk-tickets)")
+    with np.load(file) as archive:
+        prefix = f"mask/{family}/{round_}/{seed}/"
+        names = sorted((k for k in archive.files if k.startswith(prefix)),
+                       key=lambda k: int(k.rsplit("/", 1)[1]))
+        if not names:
+            kept = sorted({tuple(k.split("/")[1:3]) for k in archive.files
+                           if k.startswith("mask/")})
+            raise UserInputError(f"no mask {family!r} round {round_} seed {seed} in {str(file)!r}; "
+                                 f"it has (family, round): {kept}")
+        structure = json.loads(archive["mask_structure"].tobytes().decode())
+        return _rebuild(structure, [archive[k] for k in names])

@@ -31,8 +31,12 @@ from collections.abc import Sequence
 
 import numpy as np
 
-#: The metrics whose width scaling the tangent-space picture predicts.
-SCALING_METRICS = ("weight_change", "ntk_change", "function_gap", "ntk_init_error")
+from ntk_tickets.metrics import scaling_metrics
+from ntk_tickets.select import final_step, training_runs
+
+#: The metrics whose width scaling the tangent-space picture predicts (the registry
+#: entries with ``scales_with_width``).
+SCALING_METRICS = scaling_metrics()
 #: How :func:`fit_power_law` can put an interval on the slope.
 CI_METHODS = ("t", "bootstrap")
 #: The key columns of :func:`scaling_table`, one row per combination.
@@ -46,24 +50,25 @@ def _is_scaling_metric(name: str, metrics: Sequence[str]) -> bool:
     return name in metrics or name.split("/", 1)[0] in metrics
 
 
-def final_values(records, metrics: Sequence[str] = SCALING_METRICS):
+def final_values(records, metrics: Sequence[str] | None = None):
     """The value at the last recorded step of every (group, width, seed), for ``metrics``
-    (per-layer forms ``weight_change/<layer>`` included) and positive finite values only.
+    (per-layer forms ``weight_change/<layer>`` included; default :data:`SCALING_METRICS`)
+    and positive finite values only (:func:`ntk_tickets.select.final_step`).
 
-    Rows of the perturbation test (mask ``perturb``) and of mask comparisons (path ``none``)
-    are left out: their width axis is not the question here.
+    Rows of the perturbation test and of mask comparisons (path ``none``) are left out:
+    their width axis is not the question here.
 
     Returns:
       A DataFrame with the :data:`GROUP_COLUMNS` plus ``width``, ``seed``, ``value``.
     """
-    keep = (records["metric"].map(lambda m: _is_scaling_metric(m, metrics))
-            & (records["mask"] != "perturb") & (records["path"] != "none"))
-    rows = records[keep]
-    keys = list(GROUP_COLUMNS) + ["width", "seed"]
-    last = rows.groupby(keys)["step"].transform("max")
-    final = rows[rows["step"] == last]
+    metrics = SCALING_METRICS if metrics is None else metrics
+    runs = training_runs(records)
+    keep = (runs["metric"].map(lambda m: _is_scaling_metric(m, metrics))
+            & (runs["path"] != "none"))
+    final = final_step(runs[keep])
     final = final[np.isfinite(final["value"]) & (final["value"] > 0)]
-    return final.groupby(keys, as_index=False)["value"].mean()
+    return final.groupby(list(GROUP_COLUMNS) + ["width", "seed"],
+                         as_index=False)["value"].mean()
 
 
 def _slopes(log_width: np.ndarray, log_values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -146,14 +151,15 @@ def fit_power_law(widths: np.ndarray, values: np.ndarray, *, ci: float = 0.95,
     return fit
 
 
-def scaling_table(records, *, metrics: Sequence[str] = SCALING_METRICS, ci: float = 0.95,
+def scaling_table(records, *, metrics: Sequence[str] | None = None, ci: float = 0.95,
                   ci_method: str = "t", n_boot: int = 1000, seed: int = 0):
     """The scaling-exponent table of a study: one power-law fit per metric, path, mask,
     round and split, against width, at the final step (:func:`fit_power_law`).
 
     Args:
       records: the tidy records of a study (:func:`ntk_tickets.results.load_records`).
-      metrics: metric names; ``weight_change`` also selects ``weight_change/<layer>``.
+      metrics: metric names (default :data:`SCALING_METRICS`); ``weight_change`` also
+        selects ``weight_change/<layer>``.
       ci: the central probability of the interval.
       ci_method: ``"t"`` or ``"bootstrap"`` (see the module docstring).
       n_boot: bootstrap resamples of the seeds (``"bootstrap"`` only).

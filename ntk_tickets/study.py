@@ -9,27 +9,30 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import importlib.resources
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import jax
+import numpy as np
 
 from ntk_tickets.config import (
     StudyConfig,
-    config_hash,
     config_to_dict,
     load_config,
 )
 from ntk_tickets.data import Dataset, load_dataset
-from ntk_tickets.errors import UserInputError
+from ntk_tickets.errors import StudyInterrupted, UserInputError
 from ntk_tickets.executors import (
     check_executor_options,
     default_workers,
     execute_cells,
     ray_cluster,
 )
+from ntk_tickets.memory import check_memory
 from ntk_tickets.models import build_model, parameter_count
 from ntk_tickets.progress import Progress
 from ntk_tickets.results import ResultsStore
@@ -105,9 +108,62 @@ class StudyReport:
     diverged: dict[str, dict]
 
 
-def cell_id(width: int) -> str:
-    """The identity of the cell of one width, e.g. ``w00064``."""
-    return f"w{width:05d}"
+@dataclasses.dataclass(frozen=True)
+class Cell:
+    """One unit of work and of the store: one width and the seeds vmapped inside it."""
+
+    width: int
+    seeds: tuple[int, ...]
+
+    @property
+    def id(self) -> str:
+        """The cell's id in the store, e.g. ``w00064_s0-1`` (seed ranges joined by ``,``)."""
+        return cell_id(self.width, self.seeds)
+
+
+def cell_id(width: int, seeds: Sequence[int]) -> str:
+    """The store's id of the cell of ``width`` with ``seeds``, e.g. ``w00064_s0-3,7``."""
+    ranges, seeds = [], sorted(seeds)
+    start = prev = seeds[0]
+    for seed in [*seeds[1:], None]:
+        if seed is not None and seed == prev + 1:
+            prev = seed
+            continue
+        ranges.append(f"{start}" if start == prev else f"{start}-{prev}")
+        start = prev = seed
+    label = ",".join(ranges)
+    if len(label) > 120:  # many scattered seeds: a short digest keeps the id a file name
+        label = f"{seeds[0]}-{seeds[-1]}+{hashlib.sha256(label.encode()).hexdigest()[:10]}"
+    return f"w{width:05d}_s{label}"
+
+
+def plan_cells(cfg: StudyConfig, finished: Mapping[str, Mapping]) -> tuple[list[Cell],
+                                                                           list[str]]:
+    """The cells still to compute, and the ids of the finished cells this config covers.
+
+    A width's seeds that some finished cell already holds are not computed again, so adding
+    widths or seeds to a finished study computes only what is new.
+
+    Args:
+      cfg: the study config.
+      finished: manifest entries of the finished cells (with ``width`` and ``seeds``).
+    """
+    held: dict[int, set[int]] = {}
+    covered = []
+    for cid, entry in finished.items():
+        held.setdefault(entry["width"], set()).update(entry["seeds"])
+        if entry["width"] in cfg.model.widths and set(entry["seeds"]) & set(cfg.train.seeds):
+            covered.append(cid)
+    todo = []
+    for width in cfg.model.widths:
+        seeds = tuple(s for s in cfg.train.seeds if s not in held.get(width, ()))
+        if seeds:
+            todo.append(Cell(width, seeds))
+    return todo, sorted(covered)
+
+
+def _with_seeds(cfg: StudyConfig, seeds: tuple[int, ...]) -> StudyConfig:
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seeds=seeds))
 
 
 def cell_cost(cfg: StudyConfig, data: Dataset, width: int) -> int:
@@ -118,6 +174,28 @@ def cell_cost(cfg: StudyConfig, data: Dataset, width: int) -> int:
     return parameter_count(jax.eval_shape(model.init, jax.random.PRNGKey(0)))
 
 
+def _finished_entries(out_dir: Path, cfg: StudyConfig, data: Dataset,
+                      x64: bool) -> dict[str, dict] | None:
+    """The finished cells of the study in ``out_dir`` if it is this study (read only, no
+    lock); None when there is none or it is another study (the store decides then)."""
+    from ntk_tickets.config import identity_hash
+    from ntk_tickets.results import FINISHED, MANIFEST, intact, load_manifest
+
+    if not (out_dir / MANIFEST).is_file():
+        return None
+    try:
+        manifest = load_manifest(out_dir)
+    except UserInputError:
+        return None
+    same = (manifest["identity_hash"] == identity_hash(config_to_dict(cfg))
+            and manifest["x64"] == x64
+            and manifest.get("data_fingerprint") in (None, data.fingerprint))
+    finished = {cid: e for cid, e in manifest["cells"].items() if e["status"] in FINISHED}
+    if not same or not intact(out_dir, finished):
+        return None
+    return finished
+
+
 def run_study(cfg: StudyConfig, out_dir: str | Path, *, force: bool = False,
               executor: str = "serial", workers: int | None = None,
               ray_address: str | None = None, gpus_per_cell: float = 0.0,
@@ -125,12 +203,15 @@ def run_study(cfg: StudyConfig, out_dir: str | Path, *, force: bool = False,
     """Runs every cell of a width study that ``out_dir`` does not hold yet.
 
     Cells are written to the store as they finish, whichever executor computes them, so an
-    interrupted run loses at most the cells in flight.
+    interrupted run loses at most the cells in flight. A finished study is not opened for
+    writing at all, so it can be re-run from a read-only folder. Before anything is deleted
+    (``force``) or allocated, the memory the largest cell needs is checked against the
+    device (:func:`ntk_tickets.memory.check_memory`).
 
     Args:
       cfg: the study config.
       out_dir: the results directory (created if needed).
-      force: recompute everything, discarding earlier results in ``out_dir``.
+      force: recompute everything, discarding the earlier results in ``out_dir``.
       executor: ``"serial"``, ``"process"`` or ``"ray"``
         (:func:`ntk_tickets.executors.execute_cells`).
       workers: parallel workers for ``process`` and a local ``ray`` cluster.
@@ -142,72 +223,104 @@ def run_study(cfg: StudyConfig, out_dir: str | Path, *, force: bool = False,
       A :class:`StudyReport`.
 
     Raises:
-      UserInputError: for bad executor options or an unreachable Ray cluster (before
-        ``out_dir`` is touched), or a results folder that cannot be used.
+      UserInputError: for bad executor options, a cell too large for the device's memory
+        or an unreachable Ray cluster (before ``out_dir`` is touched), or a results folder
+        that cannot be used.
+      StudyInterrupted: on Ctrl-C, once the cells finished so far are saved.
     """
     check_executor_options(executor, workers, ray_address, gpus_per_cell)
+    out_dir = Path(out_dir)
     x64 = x64_enabled(cfg)
     with jax.enable_x64(x64):
         data = load_dataset(cfg.data, cfg.train.loss)
-    report = StudyReport(Path(out_dir), [], [], {})
+    report = StudyReport(out_dir, [], [], {})
+    finished = None if force else _finished_entries(out_dir, cfg, data, x64)
+    todo, report.skipped = plan_cells(cfg, finished or {})
+    if finished is not None and not todo:
+        (log or print)(f"all {len(report.skipped)} cells of this study are already done in "
+                       f"{out_dir} (use --force to recompute)")
+        return report
+    check_memory(cfg, data, todo, x64)
     # Ray is reached before the store opens, so that an unreachable cluster leaves the
     # folder as it was (even with --force).
-    cluster = (ray_cluster(ray_address, workers or default_workers(len(cfg.model.widths)))
+    cluster = (ray_cluster(ray_address, workers or default_workers(len(todo)))
                if executor == "ray" else contextlib.nullcontext())
     with cluster, contextlib.closing(ResultsStore(out_dir, config_to_dict(cfg),
-                                                  config_hash(cfg), data.fingerprint, x64,
+                                                  data.fingerprint, x64,
                                                   force=force)) as store:
-        done = store.done_cells()
-        report.skipped = [cell_id(w) for w in cfg.model.widths if cell_id(w) in done]
-        todo = [w for w in cfg.model.widths if cell_id(w) not in done]
-        costs = {w: float(cell_cost(cfg, data, w)) for w in todo}
+        finished = {cid: store.manifest["cells"][cid] for cid in store.done_cells()}
+        todo, report.skipped = plan_cells(cfg, finished)
+        costs = {cell: float(cell_cost(cfg, data, cell.width)) * len(cell.seeds)
+                 for cell in todo}
         progress = Progress(list(costs.values()), len(report.skipped),
                             bar=False if log else None)
         say = log or progress.log
         if report.skipped:
-            say(f"{len(report.skipped)} of {len(cfg.model.widths)} cells already done in "
-                f"{out_dir}: {', '.join(report.skipped)} (use --force to recompute)")
+            say(f"{len(report.skipped)} cells already done in {out_dir}: "
+                f"{', '.join(report.skipped)} (use --force to recompute)")
         progress.draw()
         try:
-            for cell in execute_cells(cfg, todo, x64, executor=executor, data=data,
-                                      workers=workers, ray_address=ray_address,
-                                      gpus_per_cell=gpus_per_cell):
-                cid = cell_id(cell.width)
-                store.write_cell(cid, cell.records, cell.status, cell.compile_s, cell.run_s,
-                                 **cell.info)
-                report.computed.append(cid)
-                if cell.status == "diverged":
-                    report.diverged[cid] = cell.info["diverged_step"]
-                progress.advance(costs[cell.width])
-                say(f"[{progress.done}/{progress.total}] width {cell.width}: {cell.status} "
-                    f"(compile {cell.compile_s:.1f} s, run {cell.run_s:.1f} s)")
+            for cell, output in _execute(cfg, todo, x64, data, executor, workers, ray_address,
+                                         gpus_per_cell):
+                store.write_cell(cell.id, output.records, output.status, output.compile_s,
+                                 output.run_s, arrays=output.arrays,
+                                 width=cell.width, seeds=list(cell.seeds), **output.info)
+                report.computed.append(cell.id)
+                if output.status == "diverged":
+                    report.diverged[cell.id] = output.info["diverged_step"]
+                progress.advance(costs[cell])
+                say(f"[{progress.done}/{progress.total}] width {cell.width}, seeds "
+                    f"{list(cell.seeds)}: {output.status} (compile {output.compile_s:.1f} s, "
+                    f"run {output.run_s:.1f} s)")
+        except KeyboardInterrupt:
+            raise StudyInterrupted(out_dir, len(store.done_cells())) from None
         finally:
             progress.close()
     return report
 
 
+def _execute(cfg: StudyConfig, todo: Sequence[Cell], x64: bool, data: Dataset,
+             executor: str, workers: int | None, ray_address: str | None,
+             gpus_per_cell: float) -> Iterator[tuple[Cell, Any]]:
+    """``(cell, CellOutput)`` as cells finish; cells that share their seeds run together."""
+    by_seeds: dict[tuple[int, ...], list[Cell]] = {}
+    for cell in todo:
+        by_seeds.setdefault(cell.seeds, []).append(cell)
+    for seeds, cells in by_seeds.items():
+        widths = {cell.width: cell for cell in cells}
+        for output in execute_cells(_with_seeds(cfg, seeds), list(widths), x64,
+                                    executor=executor, data=data, workers=workers,
+                                    ray_address=ray_address, gpus_per_cell=gpus_per_cell):
+            yield widths[output.width], output
+
+
+def _nan_mean(values) -> float:
+    """The mean over seeds, NaN if any seed's value is NaN (a diverged run)."""
+    return float(np.mean(np.asarray(values, dtype=float)))
+
+
 def width_table(records) -> str:
-    """A per-width text table of the final step (means over seeds): test accuracy of each
-    path (test loss for regression), function gap against exact, and the exact path's
-    relative weight change."""
-    final = records[records["step"] == records.groupby("width")["step"].transform("max")]
-    final = final[final["mask"] == "dense"] if "mask" in final else final
-    columns = {}
-    score = "accuracy" if (final.metric == "accuracy").any() else "loss"
-    label = "acc" if score == "accuracy" else "loss"
-    for path in ("exact", "linear", "entk", "ntk", "nngp"):
-        rows = final[(final.path == path) & (final.metric == score) & (final.split == "test")]
-        if len(rows):
-            columns[f"{label}:{path}"] = rows.groupby("width")["value"].mean()
-    for path in ("linear", "entk", "ntk", "nngp"):
-        gap = final[(final.path == path) & (final.metric == "function_gap")]
-        if len(gap):
-            columns[f"gap:{path}"] = gap.groupby("width")["value"].mean()
-    change = final[(final.path == "exact") & (final.metric == "weight_change")]
-    if len(change):
-        columns["dθ/θ0:exact"] = change.groupby("width")["value"].mean()
+    """A per-width text table of the dense networks at the final step (means over seeds):
+    test accuracy of each path (test loss for regression), function gap against exact, and
+    the exact path's relative weight change. Diverged runs are NaN and shown as such."""
     import pandas as pd
 
+    from ntk_tickets.select import PATH_ORDER, final_step, ordered, score_metric, training_runs
+
+    final = final_step(training_runs(records))
+    final = final[final["mask"] == "dense"]
+    score = score_metric(final)
+    label = "acc" if score == "accuracy" else "loss"
+    paths = ordered(final["path"].unique(), PATH_ORDER)
+    columns = {}
+    for name, metric, split, among in ((label, score, "test", paths),
+                                       ("gap", "function_gap", "test", paths[1:]),
+                                       ("dθ/θ0", "weight_change", "none", ["exact"])):
+        for path in among:
+            rows = final[(final.path == path) & (final.metric == metric)
+                         & (final.split == split)]
+            if len(rows):
+                columns[f"{name}:{path}"] = rows.groupby("width")["value"].agg(_nan_mean)
     return pd.DataFrame(columns).to_string(float_format=lambda v: f"{v:.4f}")
 
 
@@ -218,16 +331,19 @@ def ticket_table(records) -> str:
 
     Returns an empty string when the records hold no ticket masks.
     """
-    final = records[(records["step"] == records["step"].max()) & (records["split"] == "test")
-                    & (records["mask"] != "perturb")]
-    score = "accuracy" if (final.metric == "accuracy").any() else "loss"
+    from ntk_tickets.select import CONTROL_MASKS, final_step, ordered, score_metric, training_runs
+
+    final = final_step(training_runs(records))
+    final = final[final["split"] == "test"]
+    score = score_metric(final)
     final = final[final.metric == score]
     if set(final["mask"]) <= {"dense"}:
         return ""
     path = "exact" if (final.path == "exact").any() else final.path.iloc[0]
     final = final[final.path == path]
     table = final.pivot_table(index=["width", "sparsity"], columns="mask", values="value",
-                              aggfunc="mean")
-    order = ["dense"] + sorted(c for c in table.columns if c != "dense")
+                              aggfunc=_nan_mean, dropna=False)
+    order = ordered(table.columns, ["dense"], CONTROL_MASKS)
     header = f"test {score} of each mask ({path} path, mean over seeds)\n"
-    return header + table[order].to_string(float_format=lambda v: f"{v:.4f}", na_rep="")
+    return header + table[order].dropna(how="all").to_string(
+        float_format=lambda v: f"{v:.4f}", na_rep="")

@@ -26,7 +26,11 @@ One ticket cell (one width, all seeds vmapped) runs, on top of the dense network
    (the same mask on fresh weights ξ from the initializer).
 4. **Perturbation** of the last round's ticket: the complement gets ε·ξ for each ε of
    ``tickets.perturb_eps`` (frozen, or trained with ``perturb_trainable``); mask
-   ``perturb``, column ``eps``. ε = 0 with a frozen complement is the isolated ticket.
+   experiment ``perturb`` (mask: the ticket's family), column ``eps``. ε = 0 with a frozen
+   complement is the isolated ticket.
+
+Every round's mask of every search family and of the ``random`` and ``shuffle`` controls is
+kept with the cell's results (:func:`ntk_tickets.results.load_masks` reads one back).
 
 Every training run goes through the cell's compiled programs: masks, starts and rewind
 steps are array arguments, so each path compiles once per width however many rounds,
@@ -55,7 +59,10 @@ from ntk_tickets.experiments import (
     trajectory_rows,
 )
 from ntk_tickets.masks import PruningSpec
-from ntk_tickets.training import LOSSES, Trajectory
+from ntk_tickets.optimizers import LOSSES
+from ntk_tickets.results import mask_arrays
+from ntk_tickets.ticket_methods import TICKET_METHODS
+from ntk_tickets.training import Trajectory
 
 PyTree = Any
 
@@ -148,14 +155,15 @@ def find_masks(cfg: StudyConfig, cell: DenseCell,
     t, setup = cfg.tickets, cell.setup
     spec, n_seeds = pruning_spec(t), len(setup.seeds)
     dense = cell.trajectories[search_path]
-    if t.method == "oneshot":
-        return _magnitude_round_masks(_absolute(dense.params), spec, t.rounds, n_seeds), {}
-    if t.method == "synflow":
+    search = TICKET_METHODS[t.method].search
+    if search == "iterative":
         return _synflow_masks(setup.model.apply_fn, setup.params0, setup.model.input_shape,
                               spec, t.rounds, t.synflow_iterations, n_seeds), {}
-    if t.method != "imp":
+    if search == "at_init":
         scores = _at_init_scores(t.method, cell, cfg)
         return _magnitude_round_masks(scores, spec, t.rounds, n_seeds), {}
+    if t.method == "oneshot":
+        return _magnitude_round_masks(_absolute(dense.params), spec, t.rounds, n_seeds), {}
     program, theta_k = cell.programs[search_path], dense.params_rewind
     mask, trained, found, traj = masks.ones_like(setup.params0), {}, [], dense
     for r in range(1, t.rounds + 1):
@@ -196,7 +204,7 @@ class _Evaluator:
         self.diverged: dict[str, dict[str, int | None]] = {}
 
     def __call__(self, name: str, round_: int, start: PyTree, update_mask: PyTree,
-                 sparsity: float, *, eps: float = float("nan"),
+                 sparsity: float, *, eps: float = float("nan"), experiment: str = "train",
                  trained: dict[str, Trajectory] | None = None) -> None:
         setup, t = self.cell.setup, self.cfg.tickets
         f_test_exact = None
@@ -206,9 +214,11 @@ class _Evaluator:
                 traj = self.cell.programs[path](start, setup.data, setup.batches,
                                                 update_mask, t.rewind_step)
             for row in trajectory_rows(path, setup, traj, self.data, self.cfg, f_test_exact):
-                row.update(mask=name, round=round_, sparsity=sparsity, eps=eps)
+                row.update(mask=name, round=round_, sparsity=sparsity, eps=eps,
+                           experiment=experiment)
                 self.rows.append(row)
-            label = f"{path}/{name}/round{round_}" + ("" if np.isnan(eps) else f"/eps{eps:g}")
+            label = (f"{path}/{name}/round{round_}"
+                     + ("" if experiment == "train" else f"/{experiment}/eps{eps:g}"))
             self.diverged[label] = divergence_by_seed(
                 setup.seeds, setup.steps, np.asarray(traj.f_train), self.data.y_train,
                 self.cfg.train.loss)
@@ -224,7 +234,8 @@ def run_tickets(cfg: StudyConfig, cell: DenseCell,
       ``(rows, info)``: the ticket records (masks other than ``dense``) and manifest
       entries: ``sparsity_report`` (per mask family and round, the kept fraction of each
       layer's prunable entries, seed 0) and ``diverged_step`` per ticket run
-      (``"<path>/<mask>/round<r>[/eps<ε>]"`` → per seed).
+      (``"<path>/<mask>/round<r>[/perturb/eps<ε>]"`` → per seed); and ``masks``, the
+      masks by (family, round), stacked over seeds.
     """
     t, setup = cfg.tickets, cell.setup
     n_seeds = len(setup.seeds)
@@ -232,12 +243,14 @@ def run_tickets(cfg: StudyConfig, cell: DenseCell,
     families = {family_name(t.method, path): (path, *find_masks(cfg, cell, path))
                 for path in search_paths(t)}
     evaluate = _Evaluator(cfg, cell, data)
+    kept: dict[tuple[str, int], PyTree] = {}
     report: dict[str, dict[str, dict[str, float]]] = {}
     first = next(iter(families))
     reinit = _fresh_init(cell, _REINIT) if "reinit" in t.controls else None
     for name, (path, found, trained) in families.items():
         report[name] = {}
         for r, mask in enumerate(found, start=1):
+            kept[name, r] = mask
             mask0 = _seed_slice(mask, 0)
             sparsity = masks.sparsity(mask0, t.prune_biases)
             report[name][str(r)] = masks.density_report(mask0, setup.model.layer_names,
@@ -255,6 +268,7 @@ def run_tickets(cfg: StudyConfig, cell: DenseCell,
                     for s, v in zip(setup.seeds, overlap, strict=True)]
                 continue
             for control, control_mask in _control_masks(mask, t, setup.mask_keys, r).items():
+                kept[control, r] = control_mask
                 evaluate(control, r, masks.apply_mask(theta_k[path], control_mask),
                          control_mask, sparsity)
             if reinit is not None:
@@ -267,8 +281,10 @@ def run_tickets(cfg: StudyConfig, cell: DenseCell,
         sparsity = masks.sparsity(_seed_slice(ticket, 0), t.prune_biases)
         for eps in t.perturb_eps:
             start = masks.perturbed_start(theta_k[path], xi, ticket, jnp.asarray(eps))
-            evaluate("perturb", t.rounds, start, update, sparsity, eps=float(eps))
-    return evaluate.rows, {"sparsity_report": report, "diverged_step": evaluate.diverged}
+            evaluate(first, t.rounds, start, update, sparsity, eps=float(eps),
+                     experiment="perturb")
+    return evaluate.rows, {"sparsity_report": report, "diverged_step": evaluate.diverged,
+                           "masks": kept}
 
 
 def _program_seconds(cell: DenseCell) -> float:
@@ -294,5 +310,8 @@ def run_ticket_width(cfg: StudyConfig, data: Dataset, width: int) -> CellResult:
     cell.extra_s += time.perf_counter() - start - (_program_seconds(cell) - before)
     cell.rows += rows
     cell.info["diverged_step"].update(info.pop("diverged_step"))
+    kept = info.pop("masks")
     cell.info.update(info)
-    return finish_cell(cell, width)
+    result = finish_cell(cell, width)
+    result.arrays = mask_arrays(kept, cell.setup.seeds)
+    return result

@@ -35,22 +35,10 @@ import numpy as np
 import optax
 
 from ntk_tickets.config import TrainConfig
+from ntk_tickets.optimizers import LOSSES, make_optimizer
 
 PyTree = Any
 ModelFn = Callable[[PyTree, PyTree, jax.Array], jax.Array]
-
-
-def mse_loss(f: jax.Array, y: jax.Array) -> jax.Array:
-    """½·mean((f − y)²) over all entries; ``f``, ``y`` of shape (n, k)."""
-    return 0.5 * jnp.mean((f - y) ** 2)
-
-
-def xent_loss(f: jax.Array, labels: jax.Array) -> jax.Array:
-    """Mean softmax cross-entropy; ``f`` logits (n, k), ``labels`` int (n,)."""
-    return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(f, labels))
-
-
-LOSSES = {"mse": mse_loss, "xent": xent_loss}
 
 
 def log_spaced_steps(steps: int, n_points: int) -> np.ndarray:
@@ -61,29 +49,6 @@ def log_spaced_steps(steps: int, n_points: int) -> np.ndarray:
     """
     inner = np.unique(np.round(np.geomspace(1, steps, n_points)).astype(np.int64))
     return np.unique(np.concatenate([[0], inner, [steps]]))
-
-
-def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
-    """The optax optimizer of ``cfg`` with its learning-rate schedule.
-
-    ``constant``; ``cosine`` decays to 0 over ``cfg.steps``; ``warmup_cosine`` warms up
-    linearly over the first 5 % of steps, then decays. ``weight_decay`` is added to the
-    gradient for sgd and momentum (L2) and decoupled for adam (AdamW, which equals Adam at
-    weight decay 0).
-    """
-    if cfg.schedule == "constant":
-        lr = cfg.learning_rate
-    elif cfg.schedule == "cosine":
-        lr = optax.cosine_decay_schedule(cfg.learning_rate, cfg.steps)
-    else:
-        lr = optax.warmup_cosine_decay_schedule(
-            0.0, cfg.learning_rate, max(1, cfg.steps // 20), cfg.steps)
-    if cfg.optimizer == "adam":
-        return optax.adamw(lr, weight_decay=cfg.weight_decay)
-    base = optax.sgd(lr, momentum=cfg.momentum if cfg.optimizer == "momentum" else None)
-    if cfg.weight_decay:
-        return optax.chain(optax.add_decayed_weights(cfg.weight_decay), base)
-    return base
 
 
 def batch_order(key: jax.Array, n_train: int, batch_size: int, steps: int) -> jax.Array:

@@ -1,6 +1,7 @@
 """Config: TOML loading, overrides, validation messages, round trip and a pinned hash."""
 
 import json
+import re
 
 import pytest
 
@@ -14,6 +15,14 @@ from ntk_tickets import (
     load_config,
     parse_override,
     with_overrides,
+)
+from ntk_tickets.config import (
+    DataConfig,
+    ModelConfig,
+    TicketsConfig,
+    differing_fields,
+    identity_hash,
+    study_identity,
 )
 
 STUDY_TOML = """
@@ -75,12 +84,22 @@ def test_override_can_add_a_missing_section():
     ("train.learning_rate=true", "train.learning_rate must be a number"),
     ("train.loss=l1", "train.loss = 'l1' is not allowed; choose one of 'mse', 'xent'"),
     ("model.widths=64", "model.widths must be a list"),
-    ("model.widths=[64, 0]", "model.widths must contain positive integers"),
+    ("model.widths=[64, 0]", "model.widths must be >= 1, got (64, 0)"),
+    ("model.widths=[16, 16]", "model.widths lists 16 more than once"),
+    ("train.seeds=[0, 0]", "train.seeds lists 0 more than once"),
+    ("train.learning_rate=nan", "train.learning_rate must be a finite number, got nan"),
+    ("model.w_std=inf", "model.w_std must be a finite number, got inf"),
+    ("train.momentum=nan", "train.momentum must be a finite number"),
+    ("data.noise=nan", "data.noise must be a finite number"),
+    ("name='/abs/path'", "name = '/abs/path' must be a plain name"),
+    ("name='a/../b'", "must be a plain name"),
+    ("name='..'", "must be a plain name"),
     ("train.seeds=[]", "train.seeds must not be empty"),
     ("train.steps=0", "train.steps must be >= 1"),
-    ("paths=['exact', 'lin']", "paths has unknown value 'lin'; allowed: 'exact', 'linear', 'entk'"),
-    ("metrics=['loss', 'loss']", "metrics lists a value twice"),
-    ("tickets.controls=['random', 'clone']", "tickets.controls has unknown value 'clone'"),
+    ("paths=['exact', 'lin']", "paths = 'lin' is not allowed; choose one of 'exact', 'linear'"),
+    ("metrics=['loss', 'loss']", "metrics lists 'loss' more than once"),
+    ("tickets.controls=['random', 'clone']", "tickets.controls = 'clone' is not allowed"),
+    ("tickets.perturb_eps=[0.1, inf]", "tickets.perturb_eps[1] must be a finite number"),
     ("tickets.prune_fraction=1.0", "tickets.prune_fraction must be in [0, 1)"),
     ("tickets.rewind_step=100", "tickets.rewind_step (100) is after the last training step"),
     ("data.name=npz", "data.path is required"),
@@ -115,9 +134,27 @@ def test_round_trip_through_json_is_identity(study_file):
 
 def test_hash_is_stable_and_sensitive():
     # Pinned: a change here means every stored run identity changes. Update deliberately.
-    assert config_hash(StudyConfig()) == "943f1f54d363"
+    assert config_hash(StudyConfig()) == "4e61dd695427"
     assert config_hash(with_overrides(StudyConfig(), ["train.steps=999"])) != config_hash(
         StudyConfig())
+
+
+def test_study_identity_ignores_only_the_fields_that_enumerate_cells():
+    base = config_to_dict(StudyConfig())
+    grown = config_to_dict(with_overrides(StudyConfig(), [
+        "model.widths=[8, 16]", "train.seeds=[0, 1, 2]", "name=other"]))
+    assert identity_hash(grown) == identity_hash(base)
+    changed = config_to_dict(with_overrides(StudyConfig(), ["train.steps=7", "model.depth=3"]))
+    assert identity_hash(changed) != identity_hash(base)
+    assert differing_fields(study_identity(base), study_identity(changed)) == [
+        "model.depth", "train.steps"]
+
+
+def test_a_config_file_that_is_not_utf8_is_named(tmp_path):
+    bad = tmp_path / "latin1.toml"
+    bad.write_bytes('name = "caf\xe9"\n'.encode("latin-1"))
+    with pytest.raises(UserInputError, match="latin1.toml' is not UTF-8 text"):
+        load_config(bad)
 
 
 def test_parse_override_examples():
@@ -129,3 +166,29 @@ def test_parse_override_examples():
 def test_direct_construction_is_also_validated():
     with pytest.raises(UserInputError, match="train.seeds must not be empty"):
         StudyConfig(train=TrainConfig(seeds=()))
+
+
+@pytest.mark.parametrize("build, fragment", [
+    (lambda: TrainConfig(optimizer="bogus"), "train.optimizer = 'bogus' is not allowed"),
+    (lambda: TrainConfig(steps=-5), "train.steps must be >= 1, got -5"),
+    (lambda: TrainConfig(learning_rate=float("nan")), "train.learning_rate must be a finite"),
+    (lambda: TrainConfig(seeds=[0, 0]), "train.seeds lists 0 more than once"),
+    (lambda: ModelConfig(arch="bogus"), "model.arch = 'bogus' is not allowed"),
+    (lambda: ModelConfig(widths=[16, 16]), "model.widths lists 16 more than once"),
+    (lambda: ModelConfig(depth=2.0), "model.depth must be an integer"),
+    (lambda: DataConfig(name="bogus"), "data.name = 'bogus' is not allowed"),
+    (lambda: TicketsConfig(method="bogus"), "tickets.method = 'bogus' is not allowed"),
+    (lambda: StudyConfig(metrics=("bogus",)), "metrics = 'bogus' is not allowed"),
+    (lambda: StudyConfig(name="/tmp/x"), "must be a plain name"),
+    (lambda: StudyConfig(model={"widths": [1]}), "model must be a ModelConfig"),
+])
+def test_python_construction_validates_every_section(build, fragment):
+    with pytest.raises(UserInputError, match=re.escape(fragment)):
+        build()
+
+
+def test_python_construction_normalises_lists_to_tuples():
+    model = ModelConfig(widths=[16, 32])
+    assert model.widths == (16, 32) and isinstance(model.widths, tuple)
+    assert TrainConfig(learning_rate=1).learning_rate == 1.0
+    hash(StudyConfig(model=model))  # hashable: usable as a cache key

@@ -23,7 +23,7 @@ from ntk_tickets.criteria import (
     synflow_scores,
 )
 from ntk_tickets.models import build_model
-from ntk_tickets.training import LOSSES
+from ntk_tickets.optimizers import LOSSES
 
 INPUT_SHAPE = (2,)
 N_OUT = 2

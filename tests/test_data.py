@@ -132,29 +132,107 @@ def test_arrays_are_read_only():
 # --------------------------------------------------------------------- standardization
 
 
+def _floored_sigma(x_train: np.ndarray, std_floor: float) -> np.ndarray:
+    """The rule of the module docstring, step 2: σ̃ = max(σ, c·s), s = RMS of σ; σ̃ := 1 if
+    still ≤ 1e-8·(1 + |μ|)."""
+    mu, sigma = x_train.mean(axis=0), x_train.std(axis=0)
+    floored = np.maximum(sigma, std_floor * np.sqrt(np.mean(sigma**2)))
+    return np.where(floored > 1e-8 * (1.0 + np.abs(mu)), floored, 1.0)
+
+
+@pytest.mark.parametrize("std_floor", [0.0, 0.5, 1.0])
 @pytest.mark.parametrize("name", GENERATED)
-def test_standardization_uses_training_statistics(name):
+def test_standardization_uses_training_statistics(name, std_floor):
     raw = _load(_cfg(name, standardize=False))
-    std = _load(_cfg(name, standardize=True))
+    std = _load(_cfg(name, standardize=True, std_floor=std_floor))
     np.testing.assert_array_equal(raw.y_train, std.y_train)  # same subsets either way
     mu, sigma = raw.x_train.mean(axis=0), raw.x_train.std(axis=0)
-    varying = sigma > 1e-6
-    assert varying.any()
+    scale = _floored_sigma(raw.x_train, std_floor)
+    floor = std_floor * np.sqrt(np.mean(sigma**2))
+    loud = (sigma >= floor) & (sigma > 1e-6)  # at least the typical spread: unit variance
+    assert loud.any()
     np.testing.assert_allclose(std.x_train.mean(axis=0), 0.0, atol=1e-10)
-    np.testing.assert_allclose(std.x_train.std(axis=0)[varying], 1.0, rtol=1e-10)
-    np.testing.assert_allclose(std.x_train[:, ~varying], 0.0, atol=1e-12)
-    scale = np.where(varying, sigma, 1.0)
+    np.testing.assert_allclose(std.x_train.std(axis=0)[loud], 1.0, rtol=1e-10)
+    # quieter features keep their relative scale σ / (c·s) < 1, constant ones stay 0
+    np.testing.assert_allclose(std.x_train.std(axis=0)[~loud], (sigma / scale)[~loud],
+                               rtol=1e-8, atol=1e-12)
+    assert np.all(std.x_train.std(axis=0) <= 1.0 + 1e-10)
     np.testing.assert_allclose(std.x_test, (raw.x_test - mu) / scale, rtol=1e-10, atol=1e-12)
 
 
-def test_constant_training_pixel_does_not_blow_up_test(tmp_path):
+def test_std_floor_on_a_hand_built_array():
+    from ntk_tickets.data import _standardize
+
+    # columns: σ = 1 (values 0, 2), σ = 0 (constant 5), σ = 3 (values 0, 6); μ = (1, 5, 3)
+    x_train = np.array([[0.0, 5.0, 0.0], [2.0, 5.0, 6.0]])
+    x_test = np.array([[4.0, 7.0, -3.0]])
+    s = np.sqrt(10.0 / 3.0)  # RMS of (1, 0, 3)
+    expected = {  # std_floor: (x_train, x_test) by hand
+        0.0: ([[-1.0, 0.0, -1.0], [1.0, 0.0, 1.0]], [[3.0, 2.0, -2.0]]),
+        0.5: ([[-1.0, 0.0, -1.0], [1.0, 0.0, 1.0]], [[3.0, 2.0 / (0.5 * s), -2.0]]),
+        1.0: ([[-1.0 / s, 0.0, -1.0], [1.0 / s, 0.0, 1.0]], [[3.0 / s, 2.0 / s, -2.0]]),
+        2.0: ([[-1 / (2 * s), 0, -3 / (2 * s)], [1 / (2 * s), 0, 3 / (2 * s)]],
+              [[3 / (2 * s), 2 / (2 * s), -6 / (2 * s)]]),
+    }
+    for std_floor, (train, test) in expected.items():
+        got_train, got_test = _standardize(x_train, x_test, std_floor)
+        np.testing.assert_allclose(got_train, train, rtol=1e-12, atol=1e-15)
+        np.testing.assert_allclose(got_test, test, rtol=1e-12, atol=1e-15)
+    # all features constant: s = 0, so the floor is 0 and the constant rule centres only
+    got_train, got_test = _standardize(np.full((3, 2), 4.0), np.array([[5.0, 1.0]]), 1.0)
+    np.testing.assert_array_equal(got_train, 0.0)
+    np.testing.assert_array_equal(got_test, [[1.0, -3.0]])
+
+
+def _flat(a: np.ndarray) -> np.ndarray:
+    return a.reshape(len(a), -1)
+
+
+def test_default_floor_bounds_digits_test_features():
+    cfg = _cfg("digits", n_train=256, n_test=256, standardize=True)
+    assert cfg.std_floor == 1.0  # the documented default
+    assert not _cfg("digits").standardize  # off unless asked for
+    raw, std = _load(_cfg("digits", n_train=256, n_test=256, standardize=False)), _load(cfg)
+    x_raw = np.concatenate([_flat(raw.x_train), _flat(raw.x_test)])
+    sigma = _flat(raw.x_train).std(axis=0)
+    s = np.sqrt(np.mean(sigma**2))
+    # μ_j lies within feature j's range and σ̃_j ≥ c·s: |z_j| ≤ (max_j − min_j) / (c·s)
+    bound = (x_raw.max(axis=0) - x_raw.min(axis=0)) / (cfg.std_floor * s)
+    z_test = np.abs(_flat(std.x_test))
+    assert np.all(z_test <= bound + 1e-12)
+    assert z_test.max() <= bound.max() < 4.0  # 1 / s ≈ 3.7 for pixels in [0, 1]
+    norms = np.linalg.norm(_flat(std.x_test), axis=1)
+    assert norms.max() / np.median(norms) < 3.0  # measured 1.43
+
+
+def test_std_floor_zero_is_the_old_plain_standardization():
+    raw = _load(_cfg("digits", n_train=256, n_test=256, standardize=False))
+    old = _load(_cfg("digits", n_train=256, n_test=256, standardize=True, std_floor=0.0))
+    mu, sigma = _flat(raw.x_train).mean(axis=0), _flat(raw.x_train).std(axis=0)
+    scale = np.where(sigma > 1e-8 * (1.0 + np.abs(mu)), sigma, 1.0)  # the rule before
+    np.testing.assert_allclose(_flat(old.x_train), (_flat(raw.x_train) - mu) / scale,
+                               rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(_flat(old.x_test), (_flat(raw.x_test) - mu) / scale,
+                               rtol=1e-12, atol=1e-12)
+    # ... and the blow-up that the floor removes: test pixels at z = 64, norm ratio ≈ 9.8
+    norms = np.linalg.norm(_flat(old.x_test), axis=1)
+    assert np.abs(old.x_test).max() > 30.0
+    assert norms.max() / np.median(norms) > 3.0
+
+
+@pytest.mark.parametrize("std_floor", [0.0, 1.0])
+def test_constant_training_pixel_does_not_blow_up_test(tmp_path, std_floor):
     arrays = _npz_arrays()
     arrays["x_train"][:, 2, 1] = 5.0
     arrays["x_test"][:, 2, 1] = 6.0
     path = _write_npz(tmp_path / "c.npz", **arrays)
-    ds = load_dataset(_cfg("npz", path=str(path), n_train=40, n_test=24))
+    ds = load_dataset(_cfg("npz", path=str(path), n_train=40, n_test=24, standardize=True,
+                           std_floor=std_floor))
+    # all 40 training rows are drawn: the floor c·s comes from the whole x_train
+    s = np.sqrt(np.mean(arrays["x_train"].std(axis=0) ** 2))
     np.testing.assert_allclose(ds.x_train[:, 2, 1], 0.0, atol=1e-12)
-    np.testing.assert_allclose(ds.x_test[:, 2, 1], 1.0, rtol=1e-12)
+    # c = 0: only centred (σ := 1); c = 1: divided by the floor s like any quiet feature
+    np.testing.assert_allclose(ds.x_test[:, 2, 1], 1.0 / (std_floor * s or 1.0), rtol=1e-12)
 
 
 # --------------------------------------------------------------------- subsets
@@ -338,6 +416,67 @@ def test_bad_npz_contents(tmp_path, case):
     assert "bad.npz" in str(info.value)
 
 
+def _with_labels(y_train=None, y_test=None):
+    def mutate(arrays):
+        for key, values in (("y_train", y_train), ("y_test", y_test)):
+            if values is not None:
+                arrays[key] = np.asarray(values)
+    return mutate
+
+
+def _train_label(index, label):
+    return _with_labels(y_train=[label if i == index else i % 4 for i in range(40)])
+
+
+LABEL_CASES = {  # mutation, words the message must hold
+    "label 1e9": (_train_label(5, 10**9), ("y_train in file", "1000000000", "at most 40")),
+    "label 1e6": (_train_label(0, 10**6), ("y_train in file", "1000000", "at most 40")),
+    "label n": (_train_label(3, 40), ("y_train in file", "label 40", "K <= 40")),
+    "huge int64 label": (_train_label(0, 2**62), ("y_train in file", str(2**62))),
+    "test label 1e9": (_with_labels(y_test=[10**9] + [i % 4 for i in range(23)]),
+                       ("y_test in file", "1000000000", "0..3")),
+    "test-only class": (_with_labels(y_test=[4] + [i % 4 for i in range(23)]),
+                        ("y_test in file", "label 4", "0..3")),
+    "gap": (_with_labels(y_train=[(0, 1, 3)[i % 3] for i in range(40)]),
+            ("y_train in file", "no point of class 2")),
+    "gaps": (_with_labels(y_train=[(1, 5)[i % 2] for i in range(40)]),
+             ("y_train in file", "no point of class 0", "4 of the 6 classes 0..5")),
+}
+
+
+@pytest.mark.parametrize("case", LABEL_CASES)
+def test_bad_class_labels(tmp_path, case):
+    import time
+    import tracemalloc
+
+    mutate, words = LABEL_CASES[case]
+    path = _npz_case(tmp_path, mutate)
+    tracemalloc.start()
+    start = time.perf_counter()
+    try:
+        with pytest.raises(UserInputError) as info:
+            load_dataset(_cfg("npz", path=str(path), n_train=8, n_test=8))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    message = str(info.value)
+    assert time.perf_counter() - start < 5.0
+    assert peak < 20 * 2**20  # nothing is sized by the label value (10⁹ int64 = 7.45 GiB)
+    assert "\n" not in message and "bad.npz" in message
+    assert "labels must be 0, 1, ..., K-1" in message
+    for word in words:
+        assert word in message, (word, message)
+
+
+def test_bad_idx_labels(tmp_path):
+    arrays = _idx_arrays()  # 30 training labels
+    arrays["y_train"][4] = 200
+    folder = _write_idx_folder(tmp_path / "idx", arrays, gz=False)
+    with pytest.raises(UserInputError, match=f"{IDX_NAMES['y_train']} in idx folder .*"
+                                             "label 200.* at most 30 classes"):
+        load_dataset(_cfg("idx", path=str(folder), n_train=10, n_test=10))
+
+
 def test_bad_npz_files(tmp_path):
     garbage = tmp_path / "garbage.npz"
     garbage.write_bytes(b"not a zip file at all")
@@ -390,19 +529,20 @@ def test_bad_idx_files(tmp_path, case):
 
 
 @pytest.mark.parametrize(
-    ("cfg", "loss", "field"),
+    ("kwargs", "loss", "field"),
     [
-        (_cfg("digits", n_train=5000), "mse", "data.n_train"),
-        (_cfg("digits", n_train=1000, n_test=750), "mse", "class 8"),  # 175 each > 174
-        (_cfg("idx", path="/nonexistent/folder"), "mse", "data.path"),
-        (_cfg("mnist1d", n_train=0), "mse", "data.n_train"),
-        (_cfg("nope"), "mse", "data.name"),
-        (_cfg("sine"), "hinge", "train.loss"),
+        ({"name": "digits", "n_train": 5000}, "mse", "data.n_train"),
+        ({"name": "digits", "n_train": 1000, "n_test": 750}, "mse", "class 8"),  # 175 > 174
+        ({"name": "idx", "path": "/nonexistent/folder"}, "mse", "data.path"),
+        ({"name": "mnist1d", "n_train": 0}, "mse", "data.n_train"),
+        ({"name": "nope"}, "mse", "data.name"),
+        ({"name": "sine"}, "hinge", "train.loss"),
     ],
 )
-def test_bad_config(cfg, loss, field):
+def test_bad_config(kwargs, loss, field):
+    # DataConfig may refuse a bad field itself; either way the message names it
     with pytest.raises(UserInputError, match=field):
-        load_dataset(cfg, loss)
+        load_dataset(_cfg(**kwargs), loss)
 
 
 def test_too_few_points_in_files(tmp_path):

@@ -80,7 +80,7 @@ def test_records_schema_and_manifest(scaling_records):
     assert not records.duplicated(["width", "seed", "path", "step", "split", "metric"]).any()
     manifest = load_manifest(out)
     assert manifest["environment"]["neural-tangents"] == "0.6.5"
-    assert set(manifest["cells"]) == {"w00016", "w01024"}
+    assert set(manifest["cells"]) == {"w00016_s0-2", "w01024_s0-2"}
     for cell in manifest["cells"].values():
         assert cell["status"] == "done" and cell["compile_s"] > 0 and cell["run_s"] > 0
     assert manifest["config"]["model"]["widths"] == [16, 1024]
@@ -124,8 +124,8 @@ def test_divergence_is_recorded_and_other_cells_go_on(tmp_path):
     report = run_study(cfg, tmp_path, log=lambda line: None)
     manifest = load_manifest(tmp_path)
     assert {c["status"] for c in manifest["cells"].values()} == {"diverged"}
-    assert set(report.diverged) == {"w00008", "w00016"}
-    assert isinstance(manifest["cells"]["w00008"]["diverged_step"]["exact"]["0"], int)
+    assert set(report.diverged) == {"w00008_s0", "w00016_s0"}
+    assert isinstance(manifest["cells"]["w00008_s0"]["diverged_step"]["exact"]["0"], int)
 
 
 def test_rerun_skips_finished_cells(tmp_path):
@@ -133,7 +133,7 @@ def test_rerun_skips_finished_cells(tmp_path):
     run_study(cfg, tmp_path, log=lambda line: None)
     before = load_records(tmp_path)
     report = run_study(with_overrides(cfg, []), tmp_path, log=lambda line: None)
-    assert report.skipped == ["w00008"] and report.computed == []
+    assert report.skipped == ["w00008_s0"] and report.computed == []
     assert len(load_records(tmp_path)) == len(before)
 
 

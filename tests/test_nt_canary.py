@@ -1,9 +1,11 @@
 """Canaries: neural-tangents on current JAX against independent pure-JAX references.
 
 If a JAX upgrade breaks the compatibility layer in ``ntk_tickets._nt``, these fail loudly.
-All comparisons run in float64, where the references are exact up to round-off.
+Comparisons run in float64, where the references are exact up to round-off, and also in
+float32 (the ``x64`` fixture) where a repair concerns numerics or tracing.
 """
 
+import functools
 import subprocess
 import sys
 
@@ -173,6 +175,107 @@ def test_gradient_descent_mse_time_scale_is_gradient_flow_on_half_mean_squared_e
     reference = y_train + scipy.linalg.expm(-eta * t * np.asarray(k_train_train) / n) @ (
         f0 - y_train)
     np.testing.assert_allclose(predict_fn(t, f0), reference, rtol=1e-8, atol=1e-10)
+
+
+def _random_full_ntk(key, n, k):
+    """A random PSD kernel of shape (n, n, k, k), neural-tangents' ``trace_axes=()`` layout."""
+    a = jax.random.normal(key, (n * k, n * k + 3))
+    return (a @ a.T / a.shape[1]).reshape(n, k, n, k).transpose(0, 2, 1, 3)
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+@pytest.mark.parametrize("layout", ["traced", "full"])
+def test_max_learning_rate_is_the_edge_of_contraction(x64, layout, momentum):
+    """``max_learning_rate`` = 2 (1 + μ) N / λ_max(K), N = y_train.size.
+
+    neural-tangents' documented convention: GD on ½ |f − y|² / N contracts iff
+    I − η K / N does, i.e. η < 2 N / λ_max; heavy-ball momentum μ widens it by 1 + μ
+    (Goh 2017, "Why Momentum Really Works"). Reference: float64 numpy eigenvalues.
+    """
+    n, k = 6, 2
+    if layout == "traced":  # K of shape (n, n), interpreted as K ⊗ I_k: N must be given
+        _, y_train, kernel, _ = _regression_problem()
+        matrix, size = np.asarray(kernel, np.float64), y_train.size
+        lr_fn = functools.partial(nt.predict.max_learning_rate, y_train_size=size,
+                                  momentum=momentum)
+    else:  # K of shape (n, n, k, k): N = n·k is inferred from it
+        kernel = _random_full_ntk(jax.random.PRNGKey(5), n, k)
+        matrix = np.asarray(kernel, np.float64).transpose(0, 2, 1, 3).reshape(n * k, n * k)
+        size = n * k
+        lr_fn = functools.partial(nt.predict.max_learning_rate, momentum=momentum)
+    lam = np.linalg.eigvalsh(matrix)
+    rtol = 1e-10 if x64 else 1e-5
+    lr = lr_fn(kernel)
+    np.testing.assert_allclose(lr, 2 * (1 + momentum) * size / lam[-1], rtol=rtol)
+    # At η = lr / (1 + μ) the plain-GD iteration matrix I − η K / N has spectral radius 1.
+    radius = np.max(np.abs(1 - lr / (1 + momentum) * lam / size))
+    np.testing.assert_allclose(radius, 1.0, rtol=rtol)
+    np.testing.assert_allclose(jax.jit(lr_fn)(kernel), lr, rtol=rtol)
+
+
+def _per_seed_problem(key, x_train, x_test, width=32, k=2):
+    """Random-feature kernels and initial outputs of one seed.
+
+    Returns:
+      ``(k_train_train, k_test_train, fx_train_0, fx_test_0)`` of shapes (n, n), (m, n),
+      (n, k), (m, k): features tanh(x W), W of shape (d, width) drawn from ``key``.
+    """
+    key_w, key_v = jax.random.split(key)
+    w = jax.random.normal(key_w, (x_train.shape[1], width))
+    v = jax.random.normal(key_v, (width, k)) / np.sqrt(width)
+    phi_train, phi_test = jnp.tanh(x_train @ w), jnp.tanh(x_test @ w)
+    return (phi_train @ phi_train.T / width, phi_test @ phi_train.T / width,
+            phi_train @ v, phi_test @ v)
+
+
+def _gradient_flow_reference(k_train_train, k_test_train, y, f0_train, f0_test, eta, ts):
+    """Gradient flow on ½ |f − y|² / N, N = y.size, in float64 numpy (t = None: t → ∞).
+
+    f_train(t) = y + E(t) (f0 − y) and f_test(t) = f0_test + K_* K⁻¹ (E(t) − I) (f0 − y) with
+    E(t) = exp(−η t K / N) (Lee et al. 2019, eq. 9–11; E(∞) = 0 for K positive definite).
+    Shapes: (T, n, k) and (T, m, k), or (n, k) and (m, k) for t = None.
+    """
+    k_tt, k_st, y, f0, f0_s = (np.asarray(a, np.float64)
+                               for a in (k_train_train, k_test_train, y, f0_train, f0_test))
+    decays = [np.zeros_like(k_tt)] if ts is None else [
+        scipy.linalg.expm(-eta * t * k_tt / y.size) for t in ts]
+    train = np.stack([y + e @ (f0 - y) for e in decays])
+    test = np.stack([f0_s + k_st @ np.linalg.solve(k_tt, (e - np.eye(len(y))) @ (f0 - y))
+                     for e in decays])
+    return (train[0], test[0]) if ts is None else (train, test)
+
+
+@pytest.mark.parametrize("ts", [(0.5, 4.0), None], ids=["finite", "infinite"])
+def test_gradient_descent_mse_vmaps_over_seeds(x64, ts):
+    """``gradient_descent_mse`` vmapped over seeds equals a Python loop and the closed form.
+
+    The kernel is built inside the mapped function, as in upstream's
+    ``testNTKMeanCovPrediction0``; ``jit`` of one seed is checked the same way.
+    """
+    key_train, key_test, key_y = jax.random.split(jax.random.PRNGKey(11), 3)
+    x_train = jax.random.normal(key_train, (8, 8))  # 8-d inputs: cond(K) < 40 at width 32
+    x_test = jax.random.normal(key_test, (5, 8))
+    y_train = jax.random.normal(key_y, (8, 2))
+    eta = 0.5
+
+    def predict(key):
+        k_tt, k_st, f0_train, f0_test = _per_seed_problem(key, x_train, x_test)
+        predict_fn = nt.predict.gradient_descent_mse(k_tt, y_train, learning_rate=eta)
+        return predict_fn(None if ts is None else jnp.asarray(ts), f0_train, f0_test, k_st)
+
+    keys = jax.random.split(jax.random.PRNGKey(12), 3)
+    mapped = jax.vmap(predict)(keys)
+    jitted = jax.jit(predict)(keys[0])
+    atol = 1e-5 if x64 else 1e-3
+    for i, key in enumerate(keys):
+        k_tt, k_st, f0_train, f0_test = _per_seed_problem(key, x_train, x_test)
+        reference = _gradient_flow_reference(k_tt, k_st, y_train, f0_train, f0_test, eta, ts)
+        for ours, loop, ref in zip((m[i] for m in mapped), predict(key), reference,
+                                   strict=True):
+            np.testing.assert_allclose(ours, loop, rtol=1e-6 if x64 else 1e-4, atol=atol / 100)
+            np.testing.assert_allclose(ours, ref, rtol=0, atol=atol)
+    for ours, loop in zip(jitted, predict(keys[0]), strict=True):
+        np.testing.assert_allclose(ours, loop, rtol=1e-6 if x64 else 1e-4, atol=atol / 100)
 
 
 def test_import_does_not_load_tensorflow():

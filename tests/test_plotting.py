@@ -99,7 +99,8 @@ def _ticket_rows(widths=(16, 64), metric="accuracy", overlap=True, perturb=True)
                                      metric="mask_overlap", value=0.6 + 0.1 * rnd + 0.01 * s))
             if perturb:
                 for eps in EPS:
-                    add(w, s, "perturb", 3, 0.875, _accuracy("perturb", 0.875, s, eps), eps=eps)
+                    add(w, s, "imp", 3, 0.875, _accuracy("perturb", 0.875, s, eps), eps=eps,
+                        experiment="perturb")
     return rows
 
 
@@ -290,8 +291,9 @@ def test_final_step_keeps_the_last_step_of_each_eps():
     records = records_frame(_ticket_rows(widths=(16,)))
     final = final_step(records)
     assert set(final["step"]) == {9}
-    perturbed = final[final["mask"] == "perturb"]
+    perturbed = final[final["experiment"] == "perturb"]
     assert len(perturbed) == len(EPS) * len(SEEDS)
+    assert set(perturbed["mask"]) == {"imp"}  # the family stays in the mask column
 
 
 # ----------------------------------------------------------------------------- a study
@@ -311,7 +313,7 @@ def test_study_figures_only_for_data_that_exists():
 
 
 def _store(folder, rows):
-    with ResultsStore(folder, {"name": "synthetic"}, "hash", None, x64=False) as store:
+    with ResultsStore(folder, {"name": "synthetic"}, None, x64=False) as store:
         store.write_cell("width=all", records_frame(rows), "done")
 
 

@@ -21,13 +21,15 @@ from ntk_tickets.results import (
     _parquet_bytes,
     environment_info,
     load_manifest,
+    load_masks,
     load_records,
+    mask_arrays,
     open_store,
     records_frame,
 )
 
-CONFIG = {"name": "t", "model": {"widths": [4, 8]}}
-HASH = "abcdef012345"
+CONFIG = {"name": "t", "model": {"widths": [4, 8], "depth": 1}, "train": {"seeds": [0]}}
+OTHER = {"name": "t", "model": {"widths": [4, 8], "depth": 3}, "train": {"seeds": [0]}}
 FINGERPRINT = "0123456789abcdef"
 
 
@@ -43,8 +45,8 @@ def _rows(width, seed=0, steps=(0, 10), eps=None):
     return rows
 
 
-def _store(path, config_hash=HASH, **kwargs):
-    return ResultsStore(path, CONFIG, config_hash, FINGERPRINT, x64=False, **kwargs)
+def _store(path, config=CONFIG, **kwargs):
+    return ResultsStore(path, config, FINGERPRINT, x64=False, **kwargs)
 
 
 def _write_two(path):
@@ -97,13 +99,15 @@ def test_round_trip_two_cells(tmp_path):
     assert records.loc[records["width"] == 4, "eps"].eq(0.1).all()
 
     manifest = load_manifest(tmp_path / "a" / "b")
-    assert manifest["config"] == CONFIG and manifest["config_hash"] == HASH
+    assert manifest["config"] == CONFIG and manifest["format_version"] == 2
+    assert manifest["identity"] == {"model": {"depth": 1}, "train": {}}
     assert manifest["data_fingerprint"] == FINGERPRINT
     assert manifest["created"] and manifest["updated"]
-    env = manifest["environment"]
-    assert env["jax"] == jax.__version__ and env["neural-tangents"] == "0.6.5"
-    assert env["x64"] is False and env["device"] == str(jax.devices()[0])
-    assert {"python", "jaxlib", "optax", "numpy", "ntk_tickets", "git_sha"} <= set(env)
+    for env in (manifest["environment"], manifest["cells"]["width=8"]["environment"]):
+        assert env["jax"] == jax.__version__ and env["neural-tangents"] == "0.6.5"
+        assert env["x64"] is False and env["device"] == str(jax.devices()[0])
+        assert {"python", "jaxlib", "optax", "numpy", "ntk_tickets", "git_sha",
+                "host"} <= set(env)
     done, diverged = manifest["cells"]["width=8"], manifest["cells"]["width=4"]
     assert (done["status"], done["compile_s"], done["run_s"], done["rows"]) == (
         "done", 1.5, 2.5, 4)
@@ -123,33 +127,47 @@ def test_resume_keeps_finished_cells_and_duplicates_nothing(tmp_path):
     records = load_records(tmp_path)
     assert len(records) == 12 and not records.duplicated().any()
     assert sorted(records["width"].unique()) == [4, 8, 16]
-    assert load_manifest(tmp_path)["created"] == created
+    manifest = load_manifest(tmp_path)
+    assert manifest["created"] == created
+    assert manifest["cells"]["width=4"]["environment"]["x64"] is False  # kept as it was
+
+
+def test_more_widths_seeds_or_another_name_is_the_same_study(tmp_path):
+    _write_two(tmp_path)
+    grown = {"name": "renamed", "model": {"widths": [4, 8, 16], "depth": 1},
+             "train": {"seeds": [0, 1, 2]}}
+    with _store(tmp_path, grown) as store:
+        assert store.done_cells() == {"width=4", "width=8"}
+    assert load_manifest(tmp_path)["config"] == grown
 
 
 @pytest.mark.parametrize("kwargs, fragment", [
-    ({"config_hash": "ffffffffffff"}, "another config (hash abcdef012345"),
+    ({"config": OTHER}, "another study: model.depth differs"),
     ({"data_fingerprint": "ffff"}, "other data"),
     ({"x64": True}, "x64 = False"),
 ])
 def test_a_different_study_is_refused(tmp_path, kwargs, fragment):
     _write_two(tmp_path)
-    args = {"config_hash": HASH, "data_fingerprint": FINGERPRINT, "x64": False, **kwargs}
+    args = {"config": CONFIG, "data_fingerprint": FINGERPRINT, "x64": False, **kwargs}
     with pytest.raises(UserInputError) as e:
-        open_store(tmp_path, CONFIG, **args)
+        open_store(tmp_path, **args)
     assert fragment in str(e.value) and str(tmp_path) in str(e.value)
     assert "--out" in str(e.value) and "--force" in str(e.value)
     assert len(load_records(tmp_path)) == 8  # untouched
-    open_store(tmp_path, CONFIG, HASH, FINGERPRINT, False).close()  # and not locked
+    open_store(tmp_path, CONFIG, FINGERPRINT, False).close()  # and not locked
 
 
 def test_force_starts_fresh(tmp_path):
     _write_two(tmp_path)
     (tmp_path / "notes.txt").write_text("mine")
-    with _store(tmp_path, config_hash="ffffffffffff", force=True) as store:
+    (tmp_path / "cells" / "notes.txt").write_text("mine too")
+    (tmp_path / "cells" / "other.parquet").write_bytes(b"not ours")
+    with _store(tmp_path, OTHER, force=True) as store:
         assert store.done_cells() == set()
-        assert store.manifest["config_hash"] == "ffffffffffff"
+        assert store.manifest["identity"]["model"] == {"depth": 3}
     assert not (tmp_path / "records.parquet").exists()
-    assert list((tmp_path / "cells").iterdir()) == []
+    assert sorted(p.name for p in (tmp_path / "cells").iterdir()) == ["notes.txt",
+                                                                        "other.parquet"]
     assert (tmp_path / "notes.txt").read_text() == "mine"  # nothing else is touched
     with pytest.raises(UserInputError, match="no cell of this study has finished yet"):
         load_records(tmp_path)
@@ -174,7 +192,7 @@ def test_a_killed_writer_blocks_while_alive_and_not_after_sigkill(tmp_path):
     child = textwrap.dedent(f"""
         import os, signal, sys
         from ntk_tickets.results import ResultsStore
-        store = ResultsStore({str(tmp_path)!r}, {CONFIG!r}, {HASH!r}, {FINGERPRINT!r}, False)
+        store = ResultsStore({str(tmp_path)!r}, {CONFIG!r}, {FINGERPRINT!r}, False)
         print("pandas" in sys.modules, flush=True)
         sys.stdin.readline()
         os.kill(os.getpid(), signal.SIGKILL)
@@ -198,17 +216,28 @@ def test_a_killed_writer_blocks_while_alive_and_not_after_sigkill(tmp_path):
     assert len(load_records(tmp_path)) == 4
 
 
+def _claim(folder, cell_id):
+    """What write_cell leaves after entering a cell as pending, before its files."""
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["cells"][cell_id] = {"status": "pending"}
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+
+
 def test_reopening_reconciles_what_a_crash_left(tmp_path):
     _write_two(tmp_path)
     full = load_records(tmp_path)
     # A crash after the cell file was written, before records.parquet and the manifest:
+    _claim(tmp_path, "width=2")
     _atomic_write_bytes(tmp_path / "cells" / "width=2.parquet", _parquet_bytes(
         records_frame(_rows(2))))
+    # ... and one mid-write of a claimed cell's file:
+    _claim(tmp_path, "width=1")
     (tmp_path / "cells" / ".width=1.parquet.0badc0de.tmp").write_bytes(b"half")
     with _store(tmp_path) as store:
         assert store.done_cells() == {"width=2", "width=4", "width=8"}
         entry = store.manifest["cells"]["width=2"]
-        assert entry["status"] == "done" and entry["compile_s"] is None and entry["rows"] == 4
+        assert entry["status"] == "done" and entry["rows"] == 4
+        assert "width=1" not in store.manifest["cells"]
     assert len(load_records(tmp_path)) == 12
     assert not list(tmp_path.rglob("*.tmp"))
     # records.parquet lost, and a finished cell's file deleted by hand:
@@ -286,8 +315,68 @@ def test_a_cell_file_without_records_columns_is_named(tmp_path):
 def test_a_folder_with_cells_but_no_manifest_is_refused(tmp_path):
     _write_two(tmp_path)
     (tmp_path / "manifest.json").unlink()
-    with pytest.raises(UserInputError, match="no manifest.json: .*--force"):
+    with pytest.raises(UserInputError, match="is not empty .* holds no ntk-tickets study.*"
+                                             "--force"):
         _store(tmp_path)
+
+
+def test_files_the_store_did_not_write_are_never_deleted(tmp_path):
+    # The hostile-user repro: a folder with a cells/ note and a draft, no manifest.
+    (tmp_path / "cells").mkdir()
+    (tmp_path / "cells" / "notes.txt").write_text("x")
+    (tmp_path / ".draft.tmp").write_text("k")
+    (tmp_path / "cells" / ".draft.parquet.0badc0de.tmp").write_text("k")  # our pattern, not
+    with pytest.raises(UserInputError, match=re.escape(f"{str(tmp_path)!r} is not empty")):
+        _store(tmp_path)
+    assert not (tmp_path / ".lock").exists()
+    for force in (True, False):  # --force writes the study beside them; resuming too
+        with _store(tmp_path, force=force) as store:
+            store.write_cell("width=4", _rows(4), "done")
+        assert (tmp_path / "cells" / "notes.txt").read_text() == "x"
+        assert (tmp_path / ".draft.tmp").read_text() == "k"
+        assert (tmp_path / "cells" / ".draft.parquet.0badc0de.tmp").exists()
+    # A cell file the manifest does not name is not ours: left alone and not read.
+    (tmp_path / "cells" / "width=9.parquet").write_bytes(_parquet_bytes(
+        records_frame(_rows(9))))
+    with _store(tmp_path, force=True):
+        pass
+    assert (tmp_path / "cells" / "width=9.parquet").exists()
+    assert not (tmp_path / "records.parquet").exists()
+
+
+@pytest.mark.parametrize("edit, fragment", [
+    (lambda m: m.update(cells={"width=4": "done"}), "cell 'width=4' must be an object"),
+    (lambda m: m.update(cells=[]), "'cells' must be a JSON dict"),
+    (lambda m: m.update(identity_hash=3), "'identity_hash' must be a JSON str"),
+    (lambda m: m.update(format_version=1), "results format 1"),
+    (lambda m: m["cells"].update({"../x": {"status": "done"}}), "cell id '../x'"),
+])
+def test_a_hand_edited_manifest_is_named(tmp_path, edit, fragment):
+    _write_two(tmp_path)
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    edit(manifest)
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    for load in (load_manifest, _store):
+        with pytest.raises(UserInputError, match=re.escape(fragment)):
+            load(tmp_path)
+
+
+def test_masks_round_trip_as_pytrees(tmp_path):
+    tree = [(), (np.array([[1, 0], [0, 1]]), np.array([1, 1])), [np.zeros(3)]]
+    stacked = jax.tree_util.tree_map(lambda a: np.stack([a, 1 - a]), tree)
+    arrays = mask_arrays({("imp", 1): stacked, ("random", 1): stacked}, seeds=[3, 5])
+    with _store(tmp_path) as store:
+        store.write_cell("width=4", _rows(4), "done", arrays=arrays, width=4, seeds=[3, 5])
+    for seed, expected in ((3, tree), (5, jax.tree_util.tree_map(lambda a: 1 - a, tree))):
+        got = load_masks(tmp_path, 4, "imp", 1, seed)
+        assert jax.tree_util.tree_structure(got) == jax.tree_util.tree_structure(expected)
+        for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(expected),
+                        strict=True):
+            np.testing.assert_array_equal(a, b.astype(bool))
+    with pytest.raises(UserInputError, match=r"no mask 'imp' round 2 .*\('imp', '1'\)"):
+        load_masks(tmp_path, 4, "imp", 2, 3)
+    with pytest.raises(UserInputError, match="no finished cell of width 8"):
+        load_masks(tmp_path, 8, "imp", 1, 3)
 
 
 def test_atomic_write_keeps_the_old_file_on_failure(tmp_path, monkeypatch):

@@ -133,8 +133,9 @@ def test_final_values_select_metrics_final_steps_and_positive_values():
                     split="test")
             + _rows("accuracy", lambda w, s: 0.9, split="test")
             + _rows("mask_overlap", lambda w, s: 0.5, path="none", mask="imp_linear")
-            + _rows("loss", lambda w, s: 1.0, mask="perturb", eps=0.1)
-            + _rows("weight_change", lambda w, s: 1.0 / w, mask="perturb", eps=0.1))
+            + _rows("loss", lambda w, s: 1.0, mask="imp", eps=0.1, experiment="perturb")
+            + _rows("weight_change", lambda w, s: 1.0 / w, mask="imp", eps=0.1,
+                    experiment="perturb"))
     final = final_values(records_frame(rows))
     assert set(final.metric) == {"weight_change", "weight_change/dense_0", "function_gap"}
     assert set(final["mask"]) == {"dense"}
@@ -150,7 +151,7 @@ def test_final_values_select_metrics_final_steps_and_positive_values():
 def test_summarize_prints_the_table_and_writes_summary_csv(tmp_path, capsys):
     rows = (_rows("weight_change", lambda w, s: (1 + s) * w ** -0.5)
             + _rows("ntk_change", lambda w, s: (1 + s) * w ** -1.0, split="probe"))
-    with ResultsStore(tmp_path, {"name": "synthetic"}, "abc", None, x64=False) as store:
+    with ResultsStore(tmp_path, {"name": "synthetic"}, None, x64=False) as store:
         store.write_cell("all", records_frame(rows), "done", 0.0, 0.0)
     assert main(["summarize", str(tmp_path), "--n-boot", "200"]) == 0
     out = capsys.readouterr().out

@@ -5,7 +5,17 @@ import jax
 import numpy as np
 import pytest
 
-from ntk_tickets import StudyConfig, UserInputError, load_dataset, records_frame, with_overrides
+from ntk_tickets import (
+    StudyConfig,
+    UserInputError,
+    build_model,
+    load_dataset,
+    load_masks,
+    load_records,
+    records_frame,
+    run_study,
+    with_overrides,
+)
 from ntk_tickets.experiments import run_dense
 from ntk_tickets.masks import apply_mask, sparsity
 from ntk_tickets.tickets import find_masks, run_ticket_width, run_tickets
@@ -39,8 +49,8 @@ def full_cell():
 
 def test_every_mask_round_and_path_is_recorded(full_cell):
     cfg, _, frame, info = full_cell
-    assert set(frame["mask"]) == {"imp", "imp_linear", "random", "reinit", "shuffle",
-                                  "perturb"}
+    assert set(frame["mask"]) == {"imp", "imp_linear", "random", "reinit", "shuffle"}
+    assert set(frame["experiment"]) == {"train", "perturb"}
     trained = frame[frame.metric == "accuracy"]
     for mask in ("imp", "imp_linear", "random", "reinit", "shuffle"):
         for path in ("exact", "linear"):  # the 2×2 evaluation and the controls
@@ -65,13 +75,45 @@ def test_mask_overlap_is_a_jaccard_index_per_round_and_seed(full_cell):
 def test_perturbation_at_eps_zero_is_the_isolated_ticket(full_cell):
     cfg, _, frame, _ = full_cell
     keys = ["path", "seed", "step", "split", "metric"]
-    ticket = frame[(frame["mask"] == "imp") & (frame["round"] == 2)].set_index(keys)["value"]
-    perturb = frame[frame["mask"] == "perturb"]
+    trained = frame[frame["experiment"] == "train"]
+    ticket = trained[(trained["mask"] == "imp") & (trained["round"] == 2)].set_index(keys)["value"]
+    perturb = frame[frame["experiment"] == "perturb"]
+    assert set(perturb["mask"]) == {"imp"}  # the ticket's family
     assert set(perturb["round"]) == {2} and set(perturb["eps"]) == {0.0, 0.5, 1.0}
     at_zero = perturb[perturb.eps == 0.0].set_index(keys)["value"]
     np.testing.assert_array_equal(at_zero.sort_index(), ticket.loc[at_zero.index].sort_index())
     at_one = perturb[perturb.eps == 1.0].set_index(keys)["value"]
     assert not np.allclose(at_one.sort_index(), at_zero.sort_index())
+
+
+def test_masks_are_kept_with_the_results_and_load_back_as_pytrees(tmp_path):
+    cfg = _cfg("model.widths=[16]", "tickets.rounds=2", "tickets.prune_fraction=0.5",
+               "tickets.eval_paths=['exact']", "paths=['exact']",
+               "tickets.controls=['random']")
+    run_study(cfg, tmp_path, log=lambda line: None)
+    records = load_records(tmp_path)
+    data = load_dataset(cfg.data, cfg.train.loss)
+    model = build_model(cfg.model, 16, data.input_shape, data.n_out)
+    shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0))
+    for family in ("imp", "random"):
+        for r in (1, 2):
+            for seed in cfg.train.seeds:
+                mask = load_masks(tmp_path, 16, family, r, seed)
+                assert (jax.tree_util.tree_structure(mask)
+                        == jax.tree_util.tree_structure(shapes))
+                kept = sum(int(m.sum()) for m in jax.tree_util.tree_leaves(mask))
+                total = sum(m.size for m in jax.tree_util.tree_leaves(mask))
+                rows = records[(records["mask"] == family) & (records["round"] == r)]
+                # biases are not pruned: the recorded sparsity counts prunable weights only
+                weights = [m for m in jax.tree_util.tree_leaves(mask) if m.ndim == 2]
+                sparsity = 1 - sum(int(w.sum()) for w in weights) / sum(w.size for w in weights)
+                assert sparsity == pytest.approx(rows["sparsity"].iloc[0])
+                assert kept < total
+    # the IMP masks shrink: round 2 keeps a subset of round 1
+    first, second = (load_masks(tmp_path, 16, "imp", r, 0) for r in (1, 2))
+    for a, b in zip(jax.tree_util.tree_leaves(first), jax.tree_util.tree_leaves(second),
+                    strict=True):
+        assert not (b & ~a).any()
 
 
 def test_one_compiled_program_per_path_serves_every_round_mask_and_eps(full_cell):
@@ -150,12 +192,12 @@ def test_imp_tickets_beat_random_masks_at_high_sparsity():
 
 
 @pytest.mark.parametrize("override, message", [
-    ("tickets.eval_paths=['exact','ntk']", "tickets.eval_paths has unknown value 'ntk'"),
+    ("tickets.eval_paths=['exact','ntk']", "tickets.eval_paths = 'ntk' is not allowed"),
     ("tickets.eval_paths=[]", "tickets.eval_paths must not be empty"),
     ("tickets.search_path='sideways'", "tickets.search_path"),
     ("tickets.method='snip'\ntickets.search_path='linear'",
      "applies to the imp and oneshot methods only"),
-    ("tickets.perturb_eps=[0.0, -1.0]", "tickets.perturb_eps must hold finite values >= 0"),
+    ("tickets.perturb_eps=[0.0, -1.0]", "tickets.perturb_eps must be >= 0.0"),
     ("tickets.output_prune_fraction=1.5", "tickets.output_prune_fraction must be in [0, 1)"),
     ("tickets.method='lottery'", "tickets.method"),
     ("tickets.rounds=0", "tickets.rounds"),

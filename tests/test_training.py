@@ -19,7 +19,8 @@ from ntk_tickets import (
     masks,
 )
 from ntk_tickets.kernels import empirical_ntk, empirical_ntk_predictions
-from ntk_tickets.training import TrainingProgram, batch_order, log_spaced_steps, mse_loss
+from ntk_tickets.optimizers import mse_loss
+from ntk_tickets.training import TrainingProgram, batch_order, log_spaced_steps
 
 
 def _setup(width=32, seeds=(0, 1), loss="mse", n_train=40, data_name="teacher"):

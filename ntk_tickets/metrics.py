@@ -1,0 +1,217 @@
+"""The registry of recorded metrics: one entry per name that ``metrics`` may list.
+
+A :class:`Metric` holds what the metric needs, how it is computed from what a path
+recorded, how it is labelled, and whether its width scaling is fitted. Every consumer reads
+the entry: config validation (allowed names), the cell runner (which values to compute and
+whether the training scan must record the probe NTK), ``summarize`` and the width figures
+(:func:`scaling_metrics`), and axis labels (:func:`metric_label`).
+
+Most metrics are computed on the host from the recorded outputs of one path, a
+:class:`PathOutputs`: ``compute(outputs)`` returns ``{(split, name): values}`` with values of
+shape (seeds, recorded steps). A few are measured elsewhere and have no ``compute``:
+``ntk_init_error`` and ``variance`` by the cell (:mod:`ntk_tickets.experiments`),
+``mask_overlap`` by the ticket search (:mod:`ntk_tickets.tickets`).
+
+Adding a metric is one entry. For example, the largest absolute test output::
+
+    METRICS.register("max_output", Metric(
+        label="largest |f(x)| on the test inputs",
+        compute=lambda o: {("test", "max_output"): np.abs(o.f_test).max(axis=(-2, -1))}))
+
+after which ``metrics = [..., "max_output"]`` records it for every trained and closed-form
+path, ``ntk-tickets plot`` labels it, and ``scales_with_width=True`` would add it to
+``summarize``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
+
+import numpy as np
+
+from ntk_tickets.registry import Registry
+
+Values = Mapping[tuple[str, str], np.ndarray]
+
+#: What a metric may need beyond a path's outputs (:attr:`Metric.needs`).
+NEEDS = ("trajectory", "exact_outputs", "probe_kernel", "classes")
+
+
+@dataclasses.dataclass(frozen=True)
+class PathOutputs:
+    """What one path recorded, for every seed (axis s) and recorded step (axis r).
+
+    Attributes:
+      path: the path name (``exact``, ``linear``, ``entk``, ``ntk``, ``nngp``).
+      f_train: (s, r, n_train, k) outputs on the training inputs.
+      f_test: (s, r, n_test, k) outputs on the test inputs.
+      y_train, y_test: targets: float (n, k), or int labels (n,) for cross-entropy.
+      loss_fn: ``(f (..., n, k), y) -> (...)`` the training loss per leading index.
+      n_classes: K for classification, 0 for regression.
+      f_test_exact: (s, r, n_test, k) the exact path's test outputs under the same mask,
+        or None (then no ``function_gap``).
+      sq_change: (s, r, layers) ‖θ_t − θ_0‖² per layer, or None for closed forms.
+      sq_norm0: (s, layers) ‖θ_0‖² per layer, or None.
+      layer_names: the names of the parameterized layers.
+      probe_kernel: (s, r, m, m) the empirical NTK on the probe inputs, or None.
+    """
+
+    path: str
+    f_train: np.ndarray
+    f_test: np.ndarray
+    y_train: np.ndarray
+    y_test: np.ndarray
+    loss_fn: Callable[[np.ndarray, np.ndarray], np.ndarray]
+    n_classes: int
+    f_test_exact: np.ndarray | None = None
+    sq_change: np.ndarray | None = None
+    sq_norm0: np.ndarray | None = None
+    layer_names: Sequence[str] = ()
+    probe_kernel: np.ndarray | None = None
+
+    def provides(self, needs: Sequence[str]) -> bool:
+        """Whether these outputs hold everything in ``needs`` (names of :data:`NEEDS`)."""
+        held = {"trajectory": self.sq_change is not None,
+                "exact_outputs": self.f_test_exact is not None and self.path != "exact",
+                "probe_kernel": self.probe_kernel is not None,
+                "classes": self.n_classes > 0}
+        return all(held[n] for n in needs)
+
+
+@dataclasses.dataclass(frozen=True)
+class Metric:
+    """One recorded metric.
+
+    Attributes:
+      label: the axis label of its figures.
+      compute: ``PathOutputs -> {(split, name): (s, r) values}``; None when measured
+        outside the per-path records (see the module docstring).
+      needs: what ``compute`` uses beyond the outputs (names of :data:`NEEDS`); a path
+        that lacks one records no value.
+      scales_with_width: whether ``summarize`` fits its power law in width and
+        ``ntk-tickets plot`` draws it against width.
+      doc: one line: what it measures, with the reference.
+    """
+
+    label: str
+    compute: Callable[[PathOutputs], Values] | None = None
+    needs: tuple[str, ...] = ()
+    scales_with_width: bool = False
+    doc: str = ""
+
+
+#: :class:`Metric` entries, by name (``metrics`` in the study config).
+METRICS: Registry = Registry("metrics")
+
+
+def _split_values(o: PathOutputs, fn: Callable[[np.ndarray, np.ndarray], np.ndarray],
+                  name: str) -> Values:
+    return {("train", name): fn(o.f_train, o.y_train), ("test", name): fn(o.f_test, o.y_test)}
+
+
+def _accuracy(f: np.ndarray, y: np.ndarray) -> np.ndarray:
+    labels = y.argmax(-1) if y.ndim == 2 else y
+    return np.mean(f.argmax(-1) == labels, axis=-1)
+
+
+def rmse(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Root mean square of ``a − b`` over the last two axes (points, outputs)."""
+    with np.errstate(over="ignore", invalid="ignore"):  # diverged outputs give inf/NaN rows
+        return np.sqrt(np.mean((a - b) ** 2, axis=(-2, -1)))
+
+
+def _weight_change(o: PathOutputs) -> Values:
+    """Total and per-layer ‖θ_t − θ_0‖ / ‖θ_0‖."""
+    out = {("none", "weight_change"): np.sqrt(o.sq_change.sum(-1)
+                                              / o.sq_norm0.sum(-1)[:, None])}
+    for i, layer in enumerate(o.layer_names):
+        out["none", f"weight_change/{layer}"] = np.sqrt(o.sq_change[..., i]
+                                                        / o.sq_norm0[:, None, i])
+    return out
+
+
+def _ntk_change(o: PathOutputs) -> Values:
+    """‖K_t − K_0‖_F / ‖K_0‖_F per seed and step."""
+    k0 = o.probe_kernel[:, :1]
+    diff = np.linalg.norm((o.probe_kernel - k0).reshape(*o.probe_kernel.shape[:2], -1), axis=-1)
+    return {("probe", "ntk_change"): diff / np.linalg.norm(k0.reshape(len(k0), 1, -1), axis=-1)}
+
+
+METRICS.register("loss", Metric(
+    "loss", lambda o: _split_values(o, o.loss_fn, "loss"),
+    doc="the training loss (mse: ½·mean squared error; xent: cross-entropy)"))
+METRICS.register("accuracy", Metric(
+    "accuracy", lambda o: _split_values(o, _accuracy, "accuracy"), needs=("classes",),
+    doc="fraction of points whose largest output is the label"))
+METRICS.register("weight_change", Metric(
+    r"relative weight change $\|\theta_t - \theta_0\| / \|\theta_0\|$", _weight_change,
+    needs=("trajectory",), scales_with_width=True,
+    doc="total and per layer (weight_change/<layer>); n^-1/2 lazy (Lee et al. 2019)"))
+METRICS.register("function_gap", Metric(
+    "function gap (test RMSE against exact)",
+    lambda o: {("test", "function_gap"): rmse(o.f_test, o.f_test_exact)},
+    needs=("exact_outputs",), scales_with_width=True,
+    doc="RMSE of this path's test outputs against the exact path's (same width, seed, mask)"))
+METRICS.register("ntk_change", Metric(
+    r"NTK change $\|\Theta_t - \Theta_0\|_F / \|\Theta_0\|_F$", _ntk_change,
+    needs=("probe_kernel",), scales_with_width=True,
+    doc="relative change of the empirical NTK on the probe set (exact path)"))
+METRICS.register("ntk_init_error", Metric(
+    r"NTK at init vs analytic $\|\hat\Theta_0 - \Theta\|_F / \|\Theta\|_F$",
+    scales_with_width=True,
+    doc="empirical NTK at θ0 against the analytic one on the probe set (step 0)"))
+METRICS.register("variance", Metric(
+    "predictive variance (mean over test points)",
+    doc="the infinite-width ensemble's predictive variance (ntk, nngp)"))
+METRICS.register("mask_overlap", Metric(
+    "Jaccard overlap of kept weights",
+    doc="Jaccard overlap of the linear-search and exact-search masks (ticket studies)"))
+
+
+def scaling_metrics() -> tuple[str, ...]:
+    """The metrics whose width scaling ``summarize`` fits and the figures draw."""
+    return tuple(n for n, m in METRICS.items() if m.scales_with_width)
+
+
+def metric_label(name: str) -> str:
+    """The axis label of a metric (``weight_change/<layer>`` included)."""
+    base, _, layer = name.partition("/")
+    if base in METRICS:
+        return METRICS[base].label + (f", layer {layer}" if layer else "")
+    return name.replace("_", " ")
+
+
+#: A loss this many times its initial value (+1) counts as diverged, as does NaN or inf.
+DIVERGENCE_FACTOR = 1e3
+
+
+def blew_up(train_loss: np.ndarray) -> np.ndarray:
+    """(..., r) bool: the recorded steps whose training loss is not finite or exceeds
+    :data:`DIVERGENCE_FACTOR` × (its value at the first recorded step + 1)."""
+    with np.errstate(invalid="ignore"):
+        limit = DIVERGENCE_FACTOR * (np.abs(train_loss[..., :1]) + 1.0)
+        return ~np.isfinite(train_loss) | (train_loss > limit)
+
+
+def diverged_after(train_loss: np.ndarray) -> np.ndarray:
+    """(..., r) bool: True from the first recorded step at which the run diverged
+    (:func:`blew_up`) on."""
+    return np.logical_or.accumulate(blew_up(train_loss), axis=-1)
+
+
+def path_values(outputs: PathOutputs, names: Sequence[str]) -> dict[tuple[str, str],
+                                                                    np.ndarray]:
+    """The values of the metrics ``names`` that ``outputs`` supports, (s, r) each.
+
+    Every value at and after the first recorded step at which the path diverged (its
+    training loss not finite, or above :data:`DIVERGENCE_FACTOR` × (initial + 1)) is NaN: a
+    diverged network has no accuracy, so no table or figure can show a number for it.
+    """
+    values: dict[tuple[str, str], np.ndarray] = {}
+    for name in names:
+        metric = METRICS[name]
+        if metric.compute is not None and outputs.provides(metric.needs):
+            values.update(metric.compute(outputs))
+    bad = diverged_after(outputs.loss_fn(outputs.f_train, outputs.y_train))
+    return {key: np.where(bad, np.nan, np.asarray(v, dtype=float)) for key, v in values.items()}

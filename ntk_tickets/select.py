@@ -1,0 +1,83 @@
+"""Record selection shared by the figures, ``summarize``, the CLI tables and notebooks.
+
+One place decides what "the final value" of a run is, which metric scores a study, how seeds
+are summarized, and in which order paths and masks are shown:
+
+* :func:`final_step`: the rows at the last recorded step of each run (one width, seed, path,
+  mask, round, split, metric, experiment and ε); ``ntk_init_error``, recorded at step 0
+  only, keeps its step 0.
+* :func:`score_metric`: ``"accuracy"`` for classification, ``"loss"`` for regression.
+* :func:`seed_stats`: mean, sample standard deviation, min, max and count over seeds.
+* :data:`PATH_ORDER`, :data:`CONTROL_MASKS` and :func:`ordered`: the display order.
+* :func:`training_runs` / :func:`perturbation_runs`: the records of plain training runs
+  (dense networks, tickets and controls) and of the perturbation test (``experiment``
+  column).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
+
+from ntk_tickets.config import CONTROLS, PATHS
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+#: Paths in the order (and colour order) they are shown; others follow alphabetically.
+PATH_ORDER: tuple[str, ...] = PATHS
+#: Control masks, shown after the ticket families.
+CONTROL_MASKS: tuple[str, ...] = CONTROLS
+#: The columns that identify one run's value at one step.
+RUN_COLUMNS = ("width", "seed", "path", "mask", "round", "split", "metric", "experiment", "eps")
+
+
+def final_step(records: pd.DataFrame) -> pd.DataFrame:
+    """The rows at the last recorded step of each run (:data:`RUN_COLUMNS`).
+
+    Args:
+      records: tidy records (``RECORD_COLUMNS``).
+
+    Returns:
+      The subset of ``records`` with one step per run.
+    """
+    keys = [c for c in RUN_COLUMNS if c in records.columns]
+    keyed = records.assign(eps=records["eps"].fillna(-math.inf)) if "eps" in keys else records
+    last = keyed.groupby(keys)["step"].transform("max")
+    return records[records["step"] == last]
+
+
+def score_metric(records: pd.DataFrame, path: str | None = None) -> str:
+    """``"accuracy"`` when test accuracy is recorded (on ``path``, if given), else ``"loss"``
+    (regression studies have no accuracy)."""
+    rows = records[(records["metric"] == "accuracy") & (records["split"] == "test")]
+    if path is not None:
+        rows = rows[rows["path"] == path]
+    return "accuracy" if len(rows) else "loss"
+
+
+def seed_stats(frame: pd.DataFrame, by: list[str]) -> pd.DataFrame:
+    """Mean, sample std (0 for one seed), min, max and number of seeds of ``value``, per
+    group of ``by`` (NaN values, e.g. after divergence, are left out of each statistic)."""
+    stats = frame.groupby(by)["value"].agg(["mean", "std", "min", "max", "count"])
+    return stats.fillna({"std": 0.0}).reset_index()
+
+
+def ordered(names: Iterable[str], first: Sequence[str] = (),
+            last: Sequence[str] = ()) -> list[str]:
+    """``names`` without repeats: those in ``first`` in that order, then the others sorted,
+    then those in ``last`` in that order."""
+    names = set(names)
+    middle = sorted(names - set(first) - set(last))
+    return [n for n in first if n in names] + middle + [n for n in last if n in names]
+
+
+def training_runs(records: pd.DataFrame) -> pd.DataFrame:
+    """The records of plain training runs (not the perturbation test)."""
+    return records[records["experiment"] == "train"]
+
+
+def perturbation_runs(records: pd.DataFrame) -> pd.DataFrame:
+    """The records of the perturbation test (``experiment == "perturb"``, ε in ``eps``)."""
+    return records[records["experiment"] == "perturb"]
