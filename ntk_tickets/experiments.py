@@ -229,7 +229,8 @@ def run_dense(cfg: StudyConfig, data: Dataset, width: int) -> DenseCell:
                                np.broadcast_to(variance, (len(seeds), len(steps))))
     if "ntk_init_error" in cfg.metrics:
         values = [[kernels.ntk_init_error(setup.model.apply_fn, setup.model.kernel_fn,
-                                          _unstack(setup.params0, i), setup.data["x_probe"])]
+                                          _unstack(setup.params0, i), setup.data["x_probe"],
+                                          cache=setup.model.cache)]
                   for i in range(len(seeds))]
         rows += _grid_rows("exact", seeds, [0], "probe", "ntk_init_error", np.asarray(values))
     f_test_exact = (np.asarray(trajectories["exact"].f_test) if "exact" in trajectories
@@ -288,7 +289,8 @@ def _closed_form_outputs(cfg: StudyConfig, setup: CellSetup, steps: np.ndarray):
     if "entk" in cfg.paths:
         per_seed = [kernels.empirical_ntk_predictions(
             model.apply_fn, _unstack(params0, i), x_train, y_train, x_test,
-            cfg.train.learning_rate, steps) for i in range(len(cfg.train.seeds))]
+            cfg.train.learning_rate, steps, cache=model.cache)
+            for i in range(len(cfg.train.seeds))]
         out["entk"] = tuple(np.stack([np.asarray(p[j]) for p in per_seed]) for j in (0, 1))
     infinite = [p for p in ("ntk", "nngp") if p in cfg.paths]
     if infinite:

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, MutableMapping, Sequence
 from typing import Any
 
 import jax
@@ -69,18 +69,24 @@ def ntk_memory_bytes(n1: int, n2: int, n_out: int, n_params: int, itemsize: int,
     return (jacobians + kernel) * itemsize
 
 
-@functools.lru_cache(maxsize=64)
-def _jitted_ntk_fn(apply_fn: Callable, trace: bool, implementation: str) -> Callable:
+def _compiled(cache: MutableMapping | None, key: tuple, build: Callable[[], Callable]) -> Callable:
+    """``build()``, kept in ``cache`` under ``key`` (a model's :attr:`Model.cache`) so that a
+    model's programs are traced once; built anew without a cache."""
+    if cache is None:
+        return build()
+    if key not in cache:
+        cache[key] = build()
+    return cache[key]
+
+
+def _jitted_ntk_fn(apply_fn: Callable, trace: bool, implementation: str,
+                   cache: MutableMapping | None) -> Callable:
     """``jit(ntk_fn)(x1, x2, params)``, one per model, trace mode and implementation."""
-    ntk_fn = nt.empirical_ntk_fn(apply_fn, trace_axes=(-1,) if trace else (), vmap_axes=0,
-                                 implementation=check_ntk_implementation(implementation))
-    return jax.jit(ntk_fn)
-
-
-@functools.lru_cache(maxsize=64)
-def _jitted_apply_fn(apply_fn: Callable) -> Callable:
-    """``jit(apply_fn)(params, x)``, one per model."""
-    return jax.jit(apply_fn)
+    def build() -> Callable:
+        return jax.jit(nt.empirical_ntk_fn(
+            apply_fn, trace_axes=(-1,) if trace else (), vmap_axes=0,
+            implementation=check_ntk_implementation(implementation)))
+    return _compiled(cache, ("empirical_ntk", trace, implementation), build)
 
 
 def _largest_block(n1: int, n2: int, fits: Callable[[int, int], bool]) -> int:
@@ -118,7 +124,7 @@ def _blocked_ntk(ntk_fn: Callable, params: PyTree, x1: jax.Array, x2: jax.Array,
 def empirical_ntk(apply_fn: Callable, params: PyTree, x1: jax.Array,
                   x2: jax.Array | None = None, *, trace: bool = True,
                   implementation: str = "ntk_vector_products",
-                  max_bytes: int = 2**31) -> jax.Array:
+                  max_bytes: int = 2**31, cache: MutableMapping | None = None) -> jax.Array:
     """The empirical NTK Θ̂(x1, x2) = J(θ, x1) J(θ, x2)ᵀ at ``params``.
 
     Args:
@@ -132,6 +138,8 @@ def empirical_ntk(apply_fn: Callable, params: PyTree, x1: jax.Array,
       max_bytes: budget for one computation, estimated by :func:`ntk_memory_bytes` (Jacobian
         contraction). Above it the kernel is computed in square tiles of rows of ``x1`` and
         ``x2`` that each fit; the assembled result itself is not counted.
+      cache: where the compiled kernel function is kept between calls, e.g.
+        ``model.cache`` (:class:`~ntk_tickets.models.Model`); None compiles it anew.
 
     Returns:
       The kernel, in the dtype of ``apply_fn``'s outputs.
@@ -143,7 +151,7 @@ def empirical_ntk(apply_fn: Callable, params: PyTree, x1: jax.Array,
     n_out, itemsize = math.prod(out.shape[1:]), out.dtype.itemsize
     n_params = parameter_count(params)
     n2 = x1.shape[0] if x2 is None else x2.shape[0]
-    ntk_fn = _jitted_ntk_fn(apply_fn, trace, implementation)
+    ntk_fn = _jitted_ntk_fn(apply_fn, trace, implementation, cache)
 
     def fits(m1: int, m2: int) -> bool:
         return ntk_memory_bytes(m1, m2, n_out, n_params, itemsize, trace) <= max_bytes
@@ -201,7 +209,8 @@ def relative_frobenius(a: jax.Array, b: jax.Array) -> jax.Array:
 
 
 def ntk_init_error(apply_fn: Callable, kernel_fn: Callable, params0: PyTree,
-                   x_probe: jax.Array, *, max_bytes: int = 2**31) -> jax.Array:
+                   x_probe: jax.Array, *, max_bytes: int = 2**31,
+                   cache: MutableMapping | None = None) -> jax.Array:
     """Metric ``ntk_init_error``: distance of the empirical NTK at θ0 from the analytic one.
 
     Args:
@@ -209,13 +218,13 @@ def ntk_init_error(apply_fn: Callable, kernel_fn: Callable, params0: PyTree,
       kernel_fn: the analytic ``kernel_fn(x1, x2, get)`` of the same architecture.
       params0: θ0.
       x_probe: probe inputs, shape ``(n_probe, ...)``.
-      max_bytes: see :func:`empirical_ntk`.
+      max_bytes, cache: see :func:`empirical_ntk`.
 
     Returns:
       Scalar ‖Θ̂_θ0 − Θ‖_F / ‖Θ‖_F, both ``(n_probe, n_probe)`` and traced (Θ̂ averaged over
       outputs); O(1/√width) for a random θ0 (Jacot et al. 2018; Hanin & Nica 2019).
     """
-    empirical = empirical_ntk(apply_fn, params0, x_probe, max_bytes=max_bytes)
+    empirical = empirical_ntk(apply_fn, params0, x_probe, max_bytes=max_bytes, cache=cache)
     return relative_frobenius(empirical, kernel_fn(x_probe, None, "ntk"))
 
 
@@ -239,8 +248,9 @@ def ntk_change(apply_fn: Callable, params: PyTree, params0: PyTree, x_probe: jax
 
 def empirical_ntk_predictions(apply_fn: Callable, params0: PyTree, x_train: jax.Array,
                               y_train: jax.Array, x_test: jax.Array, learning_rate: float,
-                              steps: jax.Array, *,
-                              max_bytes: int = 2**31) -> tuple[jax.Array, jax.Array]:
+                              steps: jax.Array, *, max_bytes: int = 2**31,
+                              cache: MutableMapping | None = None
+                              ) -> tuple[jax.Array, jax.Array]:
     """Closed-form outputs of the linearized network under full-batch gradient flow on MSE.
 
     With Θ̂ the full ``(n·k) × (n·k)`` empirical NTK at θ0 (``trace=False``, so couplings
@@ -263,16 +273,17 @@ def empirical_ntk_predictions(apply_fn: Callable, params0: PyTree, x_train: jax.
       x_test: test inputs, shape ``(n_test, ...)``.
       learning_rate: η.
       steps: 1-D array of (possibly fractional) step counts.
-      max_bytes: see :func:`empirical_ntk`.
+      max_bytes, cache: see :func:`empirical_ntk`.
 
     Returns:
       ``(f_train, f_test)`` of shapes ``(len(steps), n_train, k)`` and
       ``(len(steps), n_test, k)``.
     """
-    ntk = functools.partial(empirical_ntk, apply_fn, params0, trace=False, max_bytes=max_bytes)
+    ntk = functools.partial(empirical_ntk, apply_fn, params0, trace=False, max_bytes=max_bytes,
+                            cache=cache)
     predict_fn = nt.predict.gradient_descent_mse(ntk(x_train), y_train,
                                                  learning_rate=learning_rate, trace_axes=())
-    apply = _jitted_apply_fn(apply_fn)
+    apply = _compiled(cache, ("apply",), lambda: jax.jit(apply_fn))
     return predict_fn(jnp.asarray(steps), apply(params0, x_train), apply(params0, x_test),
                       ntk(x_test, x_train))
 

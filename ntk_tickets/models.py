@@ -48,6 +48,9 @@ class Model:
       width: hidden units (MLPs) or channels (CNNs).
       input_shape: one input's shape, without the batch axis.
       n_out: output dimension.
+      cache: this model's compiled programs (e.g. its empirical-NTK function), kept
+        between calls by :mod:`ntk_tickets.kernels` (``cache=model.cache``); they live and
+        die with the model.
     """
 
     init_fn: Callable
@@ -57,6 +60,7 @@ class Model:
     width: int
     input_shape: tuple[int, ...]
     n_out: int
+    cache: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
 
     def init(self, key: jax.Array) -> PyTree:
         """Draws ``theta0`` for this model's input shape."""

@@ -96,6 +96,8 @@ RECORDS = "records.parquet"
 CELLS = "cells"
 ARRAYS = "arrays"
 LOCK = ".lock"
+#: What ``ntk-tickets plot`` and ``summarize`` write next to a study (never deleted).
+DERIVED = ("figures", "summary.csv")
 #: The results format; 2 added the ``experiment`` column, study identities, per-cell
 #: environments and saved masks (README, "Results format").
 FORMAT_VERSION = 2
@@ -535,10 +537,12 @@ def _acquire_lock(folder: Path) -> IO[bytes]:
 
 
 def _check_is_study_or_empty(folder: Path) -> None:
-    """Refuses a non-empty folder without a manifest: its files are not ours."""
+    """Refuses a non-empty folder without a manifest: its files are not ours. The lock and
+    the derived outputs of ``plot`` and ``summarize`` (:data:`DERIVED`, as in a checkout
+    whose committed figures outlive their records) do not count."""
     if (folder / MANIFEST).exists():
         return
-    others = sorted(p.name for p in folder.iterdir() if p.name != LOCK)
+    others = sorted(p.name for p in folder.iterdir() if p.name not in (LOCK, *DERIVED))
     if others:
         shown = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
         raise UserInputError(

@@ -1,5 +1,6 @@
 """Bad input on the command line: one clear line, exit status 2, and no file changed."""
 
+import json
 import shutil
 from pathlib import Path
 
@@ -140,3 +141,52 @@ def test_run_rebuilds_a_corrupted_records_file_from_its_cells(study, capsys):
     assert main(["run", str(config), "--out", str(folder)]) == 0
     assert "0 cells computed, 2 already done" in capsys.readouterr().out
     assert (folder / "records.parquet").read_bytes() == original
+
+
+def test_a_cell_too_large_for_memory_is_refused_before_force_deletes(study, capsys):
+    config, folder = study
+    before = _snapshot(folder)
+    assert main(["run", str(config), "--out", str(folder), "--force", "--set", "model.depth=2",
+                 "--set", "model.widths=[200000]"]) == 2
+    _one_line_error(capsys, "width 200000 with 1 seed(s) needs about", "GiB available",
+                    "lower model.widths")
+    assert _snapshot(folder) == before  # --force deleted nothing
+
+
+def test_rerunning_a_finished_study_writes_nothing(study, capsys):
+    # As root, permissions cannot make a folder read-only; writing nothing at all proves
+    # that a read-only folder would do.
+    config, folder = study
+    before = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in folder.rglob("*")
+              if p.is_file()}
+    assert main(["run", str(config), "--out", str(folder)]) == 0
+    assert "0 cells computed, 2 already done" in capsys.readouterr().out
+    after = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in folder.rglob("*")
+             if p.is_file()}
+    assert after == before and not (folder / ".lock").exists()
+
+
+def test_a_study_name_that_is_a_path_is_refused(tmp_path, capsys):
+    config = tmp_path / "tiny.toml"
+    config.write_text(TINY)
+    assert main(["run", str(config), "--set", f"name='{tmp_path / 'elsewhere'}'"]) == 2
+    _one_line_error(capsys, "must be a plain name")
+    assert not (tmp_path / "elsewhere").exists()
+
+
+def test_a_config_that_is_not_utf8_is_one_line(tmp_path, capsys):
+    config = tmp_path / "latin1.toml"
+    config.write_bytes(TINY.replace('"tiny"', '"caf\xe9"').encode("latin-1"))
+    assert main(["run", str(config), "--out", str(tmp_path / "out")]) == 2
+    _one_line_error(capsys, "is not UTF-8 text")
+
+
+def test_a_hand_edited_manifest_is_one_line(study, capsys):
+    config, folder = study
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["x64"] = "no"
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    before = _snapshot(folder)
+    assert main(["run", str(config), "--out", str(folder)]) == 2
+    _one_line_error(capsys, "'x64' must be a JSON bool")
+    assert _snapshot(folder) == before

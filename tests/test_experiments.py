@@ -1,16 +1,19 @@
 """Paired width studies end to end: scaling trends, divergence, results schema, resume, CLI."""
 
 import json
+import re
 import signal
 import subprocess
 import sys
 import time
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from ntk_tickets import with_overrides
 from ntk_tickets.cli import main
+from ntk_tickets.errors import UserInputError
 from ntk_tickets.results import RECORD_COLUMNS, load_manifest, load_records
 from ntk_tickets.study import resolve_config, run_study, x64_enabled
 
@@ -220,3 +223,53 @@ def test_a_study_killed_with_sigkill_resumes_with_nothing_lost_or_duplicated(tmp
     assert len(resumed) == len(reference)
     np.testing.assert_allclose(resumed["value"], reference["value"], rtol=1e-6)
     assert {c["status"] for c in load_manifest(killed)["cells"].values()} == {"done"}
+
+
+def test_a_study_grows_by_widths_and_seeds_computing_only_new_cells(tmp_path):
+    base = ["train.seeds=[0]", "paths=['exact', 'linear']", "metrics=['loss']"]
+    run_study(_cfg("model.widths=[8]", *base), tmp_path, log=lambda line: None)
+    first = load_records(tmp_path)
+    report = run_study(_cfg("model.widths=[8, 16]", *base), tmp_path, log=lambda line: None)
+    assert report.computed == ["w00016_s0"] and report.skipped == ["w00008_s0"]
+    grown = load_records(tmp_path)
+    pd.testing.assert_frame_equal(grown[grown.width == 8].reset_index(drop=True), first)
+    report = run_study(_cfg("model.widths=[8, 16]", "train.seeds=[0, 1]", *base[1:]),
+                       tmp_path, log=lambda line: None)
+    assert report.computed == ["w00008_s1", "w00016_s1"]
+    records = load_records(tmp_path)
+    assert sorted(records.groupby(["width", "seed"]).groups) == [(8, 0), (8, 1), (16, 0),
+                                                                 (16, 1)]
+    assert not records.duplicated().any()
+    # The added seed's values equal those of a study that had it from the start.
+    fresh = tmp_path / "fresh"
+    run_study(_cfg("model.widths=[16]", "train.seeds=[1]", *base[1:]), fresh,
+              log=lambda line: None)
+    key = ["path", "step", "split", "metric"]
+    grown_seed = records[(records.width == 16) & (records.seed == 1)].sort_values(key)
+    np.testing.assert_allclose(grown_seed["value"],
+                               load_records(fresh).sort_values(key)["value"], rtol=1e-6)
+    with pytest.raises(UserInputError, match="train.steps differs"):
+        run_study(_cfg("model.widths=[8]", "train.steps=61", *base), tmp_path,
+                  log=lambda line: None)
+
+
+def test_ctrl_c_prints_one_line_and_keeps_the_finished_cells(tmp_path):
+    out = tmp_path / "study"
+    command = [sys.executable, "-m", "ntk_tickets", "run", "demo", "--out", str(out)]
+    for item in [*TINY, "model.widths=[8, 12, 16, 20, 24, 28]", "train.seeds=[0]",
+                 "train.steps=400", "paths=['exact', 'linear']", "metrics=['loss']"]:
+        command += ["--set", item]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                               text=True)
+    deadline = time.monotonic() + 120
+    while not list((out / "cells").glob("*.parquet")) and time.monotonic() < deadline:
+        assert process.poll() is None, "the run ended before it could be interrupted"
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 130, err
+    assert "Traceback" not in err
+    saved = len(load_manifest(out)["cells"])
+    last = err.strip().splitlines()[-1]
+    assert re.fullmatch(rf"ntk-tickets: interrupted: {saved} cells? saved in {re.escape(str(out))}"
+                        r"; run the same command to resume", last), last

@@ -69,3 +69,36 @@ def test_standard_parameterization_kernel_does_depend_on_width():
 def test_cnn_refuses_vector_inputs():
     with pytest.raises(UserInputError, match="model.arch = 'cnn2d' needs inputs of shape"):
         build_model(ModelConfig(arch="cnn2d"), 4, (10,), 2)
+
+
+def test_importing_and_building_leave_the_warning_filters_alone():
+    code = ("import warnings; before = list(warnings.filters)\n"
+            "import ntk_tickets.models as m, ntk_tickets.kernels\n"
+            "from ntk_tickets.config import ModelConfig\n"
+            "model = m.build_model(ModelConfig(arch='resmlp', activation='tanh'), 8, (4,), 2)\n"
+            "import jax.numpy as jnp; model.kernel_fn(jnp.ones((2, 4)), None, 'ntk')\n"
+            "ours = [f for f in warnings.filters if f not in before and f[1] is not None\n"
+            "        and any(f[1].match(msg) for msg in m._NOISE)]\n"
+            "assert not ours, ours\n")
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-W", "error::UserWarning", "-c", code],
+                            capture_output=True, text=True, timeout=120)
+    # -W error: neural-tangents' notes would raise if they were not silenced locally, and
+    # no filter of ours stays behind (imported libraries may add their own)
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_compiled_kernels_live_on_the_model():
+    import jax
+
+    from ntk_tickets.kernels import empirical_ntk
+
+    model = build_model(ModelConfig(depth=1), 8, (3,), 2)
+    params = model.init(jax.random.PRNGKey(0))
+    x = jax.numpy.ones((4, 3))
+    empirical_ntk(model.apply_fn, params, x, cache=model.cache)
+    assert list(model.cache) == [("empirical_ntk", True, "ntk_vector_products")]
+    other = build_model(ModelConfig(depth=1), 8, (3,), 2)
+    assert other.cache == {}  # nothing shared between models

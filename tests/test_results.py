@@ -422,3 +422,13 @@ def test_environment_info_never_raises(monkeypatch):
     env = environment_info(True)
     assert env["git_sha"] is None and env["x64"] is True
     assert env["numpy"] == np.__version__
+
+
+def test_a_folder_holding_only_derived_figures_is_a_study_to_redo(tmp_path):
+    # A checkout keeps the figures of a study whose records are not committed.
+    (tmp_path / "figures").mkdir()
+    (tmp_path / "figures" / "loss_test.png").write_bytes(b"png")
+    (tmp_path / "summary.csv").write_text("metric\n")
+    with _store(tmp_path) as store:
+        store.write_cell("width=4", _rows(4), "done")
+    assert (tmp_path / "figures" / "loss_test.png").read_bytes() == b"png"

@@ -105,7 +105,7 @@ def test_masks_are_kept_with_the_results_and_load_back_as_pytrees(tmp_path):
                 total = sum(m.size for m in jax.tree_util.tree_leaves(mask))
                 rows = records[(records["mask"] == family) & (records["round"] == r)]
                 # biases are not pruned: the recorded sparsity counts prunable weights only
-                weights = [m for m in jax.tree_util.tree_leaves(mask) if m.ndim == 2]
+                weights = [layer[0] for layer in mask if layer]  # (W, b) per Dense layer
                 sparsity = 1 - sum(int(w.sum()) for w in weights) / sum(w.size for w in weights)
                 assert sparsity == pytest.approx(rows["sparsity"].iloc[0])
                 assert kept < total
