@@ -9,7 +9,7 @@ Example::
 
     cfg = load_config("study.toml", overrides=["model.widths=[64,256]", "train.steps=200"])
     cfg.train.steps        # 200
-    config_hash(cfg)       # stable 12-hex-digit identity of the run
+    config_hash(cfg)       # stable 12-hex-digit hash of the whole config
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from ntk_tickets.errors import UserInputError
-from ntk_tickets.registry import choices_of
+from ntk_tickets.registry import choices_of, resolve
 
 PARAMETERIZATIONS = ("ntk", "standard")
 PATHS = ("exact", "linear", "entk", "ntk", "nngp")
@@ -148,6 +148,13 @@ class TicketsConfig:
 
     def __post_init__(self):
         _validate_fields(self, "tickets")
+        for field, rate in (("prune_fraction", self.prune_fraction),
+                            ("output_prune_fraction", self.output_prune_fraction)):
+            if not 0.0 <= rate < 1.0 and not (field == "output_prune_fraction" and rate == -1.0):
+                raise UserInputError(f"tickets.{field} must be in [0, 1)"
+                                     + (" or -1 (the same as prune_fraction)"
+                                        if field == "output_prune_fraction" else "")
+                                     + f", got {rate}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -168,7 +175,8 @@ class StudyConfig:
         _check_name(self.name)
         for field in ("paths", "metrics", "model.widths", "train.seeds"):
             _check_nonempty(field, _get(self, field))
-        if self.data.name in ("npz", "idx") and not self.data.path:
+        source = resolve(DATASETS)[self.data.name]
+        if source.needs_path and not self.data.path:
             raise UserInputError(
                 f"data.path is required for data.name = {self.data.name!r}: "
                 "set it to the dataset file or folder"
@@ -180,7 +188,7 @@ class StudyConfig:
                 f"train.batch_size ({self.train.batch_size}) exceeds data.n_train "
                 f"({self.data.n_train}): lower it, or use 0 for full batch"
             )
-        if self.train.loss == "xent" and self.data.name in ("teacher", "sine"):
+        if self.train.loss == "xent" and source.task == "regression":
             raise UserInputError(
                 f"train.loss = 'xent' needs a classification dataset, but data.name = "
                 f"{self.data.name!r} is regression: use train.loss = 'mse'"
@@ -196,14 +204,11 @@ def _check_tickets(t: TicketsConfig, paths: Sequence[str], steps: int) -> None:
                 f"the tickets section trains the {path!r} path, but paths = {list(paths)} "
                 f"leaves it out: add it to paths or change tickets.eval_paths / "
                 f"tickets.search_path")
-    if t.search_path != "exact" and t.method not in ("imp", "oneshot"):
+    trained = resolve(TICKET_METHODS)[t.method].search in ("rewind", "oneshot")
+    if t.search_path != "exact" and not trained:
         raise UserInputError(
             f"tickets.search_path = {t.search_path!r} applies to the imp and oneshot methods "
             f"only; {t.method!r} scores weights at initialization: use search_path = 'exact'")
-    for field, rate in (("prune_fraction", t.prune_fraction),
-                        ("output_prune_fraction", t.output_prune_fraction)):
-        if not 0.0 <= rate < 1.0 and not (field == "output_prune_fraction" and rate == -1.0):
-            raise UserInputError(f"tickets.{field} must be in [0, 1), got {rate}")
     if t.rewind_step > steps:
         raise UserInputError(
             f"tickets.rewind_step ({t.rewind_step}) is after the last training step "
@@ -376,6 +381,30 @@ def differing_fields(a: Mapping[str, Any], b: Mapping[str, Any], prefix: str = "
         elif va != vb:
             out.append(name)
     return out
+
+
+def identity_differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+    """The fields in which two study identities differ (:func:`study_identity`), dotted.
+
+    A field that ``old`` lacks counts as equal when ``new`` holds its default value: it was
+    added to ntk-tickets after ``old`` was written, and the default keeps the old behaviour,
+    so a later version can still grow an earlier study.
+    """
+    defaults = study_identity(config_to_dict(StudyConfig(tickets=TicketsConfig())))
+    return [field for field in differing_fields(old, new)
+            if not (_dotted(old, field) is _ABSENT
+                    and _dotted(new, field) == _dotted(defaults, field))]
+
+
+_ABSENT = object()
+
+
+def _dotted(values: Mapping[str, Any], field: str) -> Any:
+    for key in field.split("."):
+        if not isinstance(values, Mapping) or key not in values:
+            return _ABSENT
+        values = values[key]
+    return values
 
 
 def _hash(values: Mapping[str, Any]) -> str:

@@ -173,10 +173,7 @@ def load_dataset(cfg: DataConfig, loss: str = "mse") -> Dataset:
         asked for than the data holds; the message names the field, or the file and array.
     """
     LOSSES[loss]  # refuses an unknown loss, naming train.loss
-    for field, n in (("data.n_train", cfg.n_train), ("data.n_test", cfg.n_test)):
-        if n < 1:
-            raise UserInputError(f"{field} must be >= 1, got {n}")
-    source = DATASETS[cfg.name](cfg, np.random.default_rng([cfg.seed, _DATA_STREAM]))
+    source = DATASETS[cfg.name].load(cfg, np.random.default_rng([cfg.seed, _DATA_STREAM]))
     if loss == "xent" and source.n_classes == 0:
         raise UserInputError(
             f"train.loss = 'xent' needs class labels, but data.name = {cfg.name!r} is "
@@ -573,9 +570,27 @@ def _count_classes(y_train: np.ndarray, y_test: np.ndarray, names: dict[str, str
     return top + 1
 
 
-#: ``(cfg, rng) -> raw data`` sources, by ``data.name``.
+@dataclasses.dataclass(frozen=True)
+class DataSource:
+    """One ``data.name``.
+
+    Attributes:
+      load: ``(cfg, rng) -> _Source``, the raw data before subsetting.
+      task: ``"regression"``, ``"classification"``, or ``"file"`` (decided by the file's
+        labels: integer labels classify, float targets regress).
+      needs_path: whether ``data.path`` names the file or folder to read.
+    """
+
+    load: Callable[[DataConfig, np.random.Generator], _Source]
+    task: str
+    needs_path: bool = False
+
+
+#: :class:`DataSource` entries, by ``data.name``.
 DATASETS: Registry = Registry("data.name")
-for _name, _source in (("teacher", _teacher_source), ("sine", _sine_source),
-                       ("digits", _digits_source), ("mnist1d", _mnist1d_source),
-                       ("npz", _npz_source), ("idx", _idx_source)):
-    DATASETS.register(_name, _source)
+DATASETS.register("teacher", DataSource(_teacher_source, "regression"))
+DATASETS.register("sine", DataSource(_sine_source, "regression"))
+DATASETS.register("digits", DataSource(_digits_source, "classification"))
+DATASETS.register("mnist1d", DataSource(_mnist1d_source, "classification"))
+DATASETS.register("npz", DataSource(_npz_source, "file", needs_path=True))
+DATASETS.register("idx", DataSource(_idx_source, "file", needs_path=True))

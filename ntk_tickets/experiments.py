@@ -250,7 +250,7 @@ def finish_cell(cell: DenseCell, width: int) -> CellResult:
     """The cell's :class:`CellResult`: rows stamped with ``width``, status and timings."""
     for row in cell.rows:
         row["width"] = width
-    diverged = any(v for per_seed in cell.info["diverged_step"].values()
+    diverged = any(v is not None for per_seed in cell.info["diverged_step"].values()
                    for v in per_seed.values())
     compile_s = sum(p.compile_s for p in cell.programs.values())
     run_s = cell.extra_s + sum(p.run_s for p in cell.programs.values())

@@ -4,15 +4,19 @@
 largest arrays a cell holds at once:
 
 * **parameters and optimizer state** of every vmapped seed: θ, θ0, the gradient, the update
-  and θ at the rewind step of the path being trained, plus the optimizer's slots (none for
-  SGD, one for momentum, two for Adam) and the update mask of ticket studies, and θ_T and θ_k
-  of the other trained path;
+  and θ at the rewind step of the path being trained, the optimizer's state (from the
+  optimizer's own ``init``, by shape: none for SGD, one slot for momentum, two for Adam) and
+  the update mask of ticket studies, and θ_T and θ_k of the other trained path;
 * **activations** of one training step: every hidden unit of every example of the batch,
   about four times (forward values, tangents of the linear path, and their gradients);
 * **recorded outputs**: the outputs on train and test inputs at every recorded step, per
   path, and the probe NTK at every recorded step;
-* **closed forms**: the train × (train + test) kernels of the ``entk``, ``ntk`` and ``nngp``
-  paths and their eigendecomposition.
+* **closed forms**: the train × (train + test) kernels of the ``ntk`` and ``nngp`` paths,
+  the full (n·k) × ((n + m)·k) empirical NTK of the ``entk`` path, and their
+  eigendecomposition.
+
+With a Ray cluster the check reads the memory of the machine that runs ``ntk-tickets``, not
+of the nodes: give remote cells a machine at least that large.
 
 :func:`check_memory` compares the largest cell with the memory of the device the cells run
 on (a GPU's memory limit, or the host's available memory for the CPU) and raises a one-line
@@ -34,8 +38,6 @@ if TYPE_CHECKING:
     from ntk_tickets.config import StudyConfig
     from ntk_tickets.data import Dataset
 
-#: Optimizer slots per parameter.
-_OPTIMIZER_SLOTS = {"sgd": 0, "momentum": 1, "adam": 2}
 #: Refuse a cell whose estimate exceeds this fraction of the device's memory.
 HEADROOM = 0.8
 
@@ -53,24 +55,27 @@ def cell_bytes(cfg: StudyConfig, data: Dataset, width: int, n_seeds: int,
     """
     import jax
 
+    from ntk_tickets.architectures import ARCHITECTURES
     from ntk_tickets.models import build_model, parameter_count
+    from ntk_tickets.optimizers import make_optimizer
 
     model = build_model(cfg.model, width, data.input_shape, data.n_out)
     shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0))
     n_params = parameter_count(shapes)
+    n_state = parameter_count(jax.eval_shape(make_optimizer(cfg.train).init, shapes))
     trained = [p for p in ("exact", "linear") if p in cfg.paths]
-    slots = (5 + _OPTIMIZER_SLOTS[cfg.train.optimizer] + 2 * max(len(trained) - 1, 0)
-             + (cfg.tickets is not None))
+    copies = 5 + 2 * max(len(trained) - 1, 0) + (cfg.tickets is not None)
     batch = cfg.train.batch_size or data.x_train.shape[0]
-    spatial = math.prod(data.input_shape[:-1]) if cfg.model.arch.startswith("cnn") else 1
-    units = width * spatial * cfg.model.depth
-    n_points = data.x_train.shape[0] + data.x_test.shape[0]
+    convolutional = ARCHITECTURES[cfg.model.arch].input_shape is not None
+    units = width * cfg.model.depth * (math.prod(data.input_shape[:-1]) if convolutional else 1)
+    n_train, n_points = data.x_train.shape[0], data.x_train.shape[0] + data.x_test.shape[0]
     recorded = cfg.train.log_points + 2
     closed = [p for p in ("entk", "ntk", "nngp") if p in cfg.paths and cfg.train.loss == "mse"]
-    n_train = data.x_train.shape[0]
-    kernel = 3 * n_train * n_points if closed else 0
+    # entk: the full (n·k) × ((n + m)·k) empirical NTK; ntk/nngp: traced n × (n + m) kernels
+    outputs = data.n_out**2 if "entk" in closed else 1
+    kernel = 3 * n_train * n_points * outputs if closed else 0
     return {
-        "parameters": slots * n_params * n_seeds * itemsize,
+        "parameters": (copies * n_params + n_state) * n_seeds * itemsize,
         "activations": 4 * batch * units * n_seeds * itemsize,
         "outputs": (recorded * n_seeds * itemsize
                     * (n_points * data.n_out * (len(trained) + len(closed))

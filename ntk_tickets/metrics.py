@@ -100,6 +100,11 @@ class Metric:
     scales_with_width: bool = False
     doc: str = ""
 
+    def __post_init__(self):
+        unknown = sorted(set(self.needs) - set(NEEDS))
+        if unknown:
+            raise ValueError(f"Metric needs {unknown}: not among {NEEDS}")
+
 
 #: :class:`Metric` entries, by name (``metrics`` in the study config).
 METRICS: Registry = Registry("metrics")

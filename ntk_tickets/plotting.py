@@ -223,8 +223,9 @@ def metric_vs_width(records: pd.DataFrame, metric: str, *, summary: pd.DataFrame
     Raises:
       ValueError: when the records hold no positive values of ``metric`` for ``mask``.
     """
-    rows = final_step(records[(records["metric"] == metric) & (records["mask"] == mask)
-                              & (records["path"] != "none")])
+    runs = training_runs(records)
+    rows = final_step(runs[(runs["metric"] == metric) & (runs["mask"] == mask)
+                           & (runs["path"] != "none")])
     rows = rows[np.isfinite(rows["value"]) & (rows["value"] > 0)]
     if pruning_round is None and len(rows):
         pruning_round = int(rows["round"].max())

@@ -23,7 +23,7 @@ Example::
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any, Generic, TypeVar
 
 from ntk_tickets.errors import UserInputError
@@ -72,6 +72,13 @@ class Registry(Mapping[str, T], Generic[T]):
                 f"{self.field} = {name!r} is not allowed; choose one of "
                 f"{', '.join(map(repr, self._entries))}") from None
 
+    def __contains__(self, name: object) -> bool:
+        return name in self._entries
+
+    def get(self, name: str, default: Any = None) -> Any:
+        """The entry of ``name``, or ``default`` (no error) when there is none."""
+        return self._entries.get(name, default)
+
     def __iter__(self) -> Iterator[str]:
         return iter(self._entries)
 
@@ -92,7 +99,7 @@ def resolve(reference: str) -> Any:
     return getattr(importlib.import_module(module), attribute)
 
 
-def choices_of(reference: str | tuple[str, ...] | Callable[[], Any]) -> tuple[str, ...]:
+def choices_of(reference: str | tuple[str, ...]) -> tuple[str, ...]:
     """The allowed names of a field: a tuple as it is, or the names of a registry given as
     ``"module:attribute"``."""
     if isinstance(reference, tuple):

@@ -24,7 +24,9 @@ device, host).
 The manifest is the proof of ownership: a cell is entered (status ``pending``) before its
 files are written, and the store deletes only files that the manifest names, or its own
 temporary files (``.<name>.<8 hex>.tmp``). A folder that is not empty and holds no manifest
-is refused unless ``force``, and even then nothing in it is deleted. Every file is replaced
+is refused unless ``force``, and even then nothing in it is deleted; a manifest the store
+cannot read as its own, or a ``records.parquet`` that no manifest accounts for, is refused
+even with ``force``. Every file is replaced
 atomically (temporary file in the same folder, fsync, ``os.replace``). Opening a store
 reconciles whatever a crash left: a pending cell whose records file is complete is entered
 as done, one without is dropped (so it is recomputed), and ``records.parquet`` is rebuilt
@@ -37,7 +39,8 @@ Example::
         for cell_id in ("w00064_s0-1", "w00256_s0-1"):
             if cell_id in store.done_cells():
                 continue                        # finished by an earlier run: never recomputed
-            store.write_cell(cell_id, records_frame(rows), "done", compile_s=1.2, run_s=3.4)
+            store.write_cell(cell_id, records_frame(rows), "done", compile_s=1.2, run_s=3.4,
+                             width=64, seeds=[0, 1])
     records = load_records("results/s")         # a pandas DataFrame
 
 pandas and pyarrow are imported inside the functions that need them, so that
@@ -537,12 +540,14 @@ def _acquire_lock(folder: Path) -> IO[bytes]:
 
 
 def _check_is_study_or_empty(folder: Path) -> None:
-    """Refuses a non-empty folder without a manifest: its files are not ours. The lock and
-    the derived outputs of ``plot`` and ``summarize`` (:data:`DERIVED`, as in a checkout
-    whose committed figures outlive their records) do not count."""
+    """Refuses a non-empty folder without a manifest: its files are not ours. The lock,
+    empty ``cells/`` and ``arrays/`` folders and the derived outputs of ``plot`` and
+    ``summarize`` (:data:`DERIVED`, as in a checkout whose committed figures outlive their
+    records) do not count."""
     if (folder / MANIFEST).exists():
         return
-    others = sorted(p.name for p in folder.iterdir() if p.name not in (LOCK, *DERIVED))
+    others = sorted(p.name for p in folder.iterdir() if p.name not in (LOCK, *DERIVED)
+                    and not (p.name in (CELLS, ARRAYS) and p.is_dir() and not any(p.iterdir())))
     if others:
         shown = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
         raise UserInputError(
@@ -610,42 +615,50 @@ class ResultsStore:
         """The manifest to continue: the existing one (same study) or a fresh one."""
         from ntk_tickets.config import identity_hash, study_identity
 
-        old = self._existing_manifest(force)
+        old = self._existing_manifest()
         if old is not None and not force:
             self._check_same_study(old, config, data_fingerprint, x64)
             return {**old, "config": config}
-        if old is not None:
-            self._discard(old)
-        return {
+        fresh = {
             "format_version": FORMAT_VERSION, "config": config,
             "identity": study_identity(config), "identity_hash": identity_hash(config),
             "x64": x64, "environment": environment_info(x64),
             "data_fingerprint": data_fingerprint, "cells": {}, "created": _now(),
             "updated": None,
         }
+        if old is not None:
+            self._discard(old)
+        return fresh
 
-    def _existing_manifest(self, force: bool) -> dict[str, Any] | None:
-        """The manifest in DIR; None for an empty folder (or, with ``force``, a folder with
-        no readable manifest)."""
+    def _existing_manifest(self) -> dict[str, Any] | None:
+        """The manifest in DIR; None when there is none.
+
+        A manifest that is not one this ntk-tickets wrote (unreadable, edited by hand, of
+        another results format), or a ``records.parquet`` that no manifest accounts for, is
+        refused even with ``force``: nothing would prove which files are ours to replace.
+        """
         file = self.path / MANIFEST
         if file.exists():
             try:
                 return _read_manifest_file(file)
             except UserInputError as e:
-                if force:
-                    return None  # nothing in DIR is provably ours: delete nothing
-                raise UserInputError(f"{e}: choose another --out DIR or pass --force to start "
-                                     "over") from e
+                raise UserInputError(f"{e}: move it away (or delete the folder) or choose "
+                                     "another --out DIR; --force never deletes files it "
+                                     "cannot prove it wrote") from e
+        if (self.path / RECORDS).exists():
+            raise UserInputError(
+                f"{str(self.path / RECORDS)!r} exists but no {MANIFEST} accounts for it: move "
+                "it away or choose another --out DIR")
         return None
 
     def _check_same_study(self, old: Mapping[str, Any], config: Mapping[str, Any],
                           data_fingerprint: str | None, x64: bool) -> None:
-        from ntk_tickets.config import differing_fields, identity_hash, study_identity
+        from ntk_tickets.config import identity_differences, study_identity
 
         old_fingerprint = old.get("data_fingerprint")
-        if old["identity_hash"] != identity_hash(config):
-            fields = differing_fields(old["identity"], study_identity(config))
-            what = (f"another study: {', '.join(fields) or 'the config'} differ"
+        fields = identity_differences(old["identity"], study_identity(config))
+        if fields:
+            what = (f"another study: {', '.join(fields)} differ"
                     f"{'s' if len(fields) == 1 else ''} (only model.widths, train.seeds and "
                     "name may change in one folder)")
         elif old_fingerprint and data_fingerprint and old_fingerprint != data_fingerprint:
@@ -663,13 +676,13 @@ class ResultsStore:
                 self.path / ARRAYS / f"{cell_id}.npz"]
 
     def _discard(self, old: Mapping[str, Any]) -> None:
-        """Deletes the files ``old`` (a manifest) names, the manifest first, so that a crash
-        midway leaves no claim on the rest."""
-        for name in (MANIFEST, RECORDS):
-            (self.path / name).unlink(missing_ok=True)
+        """Deletes the files ``old`` (a manifest) names, the manifest last: a crash midway
+        leaves a manifest whose missing cells the next open drops."""
         for cid in old["cells"]:
             for file in self._owned_files(cid):
                 file.unlink(missing_ok=True)
+        for name in (RECORDS, MANIFEST):
+            (self.path / name).unlink(missing_ok=True)
 
     def _remove_temporaries(self) -> None:
         """Deletes the temporary files a crash left mid-write, only those with the names
@@ -689,16 +702,18 @@ class ResultsStore:
     def _reconcile(self) -> None:
         """Makes the manifest (in memory) and records.parquet agree with the cell files.
 
-        A ``pending`` cell (entered, then the run stopped) whose records file is complete
-        is entered as done; one without is dropped along with its partial files. A finished
-        cell whose records file is gone is dropped (so it is recomputed).
+        A ``pending`` cell (claimed, then the run stopped) whose records file was written
+        gets the status it was being written with; one without is dropped along with its
+        partial files. A finished cell whose records file is gone is dropped (so it is
+        recomputed).
         """
         self._remove_temporaries()
         cells = self._manifest["cells"]
         for cid, entry in list(cells.items()):
             file = self._owned_files(cid)[0]
             if entry["status"] == "pending" and file.exists():
-                entry.update(status="done", rows=self._cell_rows(file), reconciled=True)
+                entry.update(status=entry.pop("intended", "done"), rows=self._cell_rows(file),
+                             reconciled=True)
             elif entry["status"] in (*FINISHED, "pending") and not file.exists():
                 for owned in self._owned_files(cid):
                     owned.unlink(missing_ok=True)
@@ -789,29 +804,45 @@ class ResultsStore:
         except TypeError as e:
             raise ValueError(f"cell {cell_id!r}: {e}") from e
         records = _as_records(frame) if status in FINISHED else None
-        cell_file, array_file = self._owned_files(cell_id)
         cells = self._manifest["cells"]
+        owned = self._owned_files(cell_id)
+        if cell_id not in cells and any(f.exists() for f in owned):
+            raise UserInputError(f"{str(owned[0])!r} or {str(owned[1])!r} exists but the "
+                                 f"manifest of {str(self.path)!r} does not name it: move it "
+                                 "away, it was not written by this study")
+        entry.update(rows=0 if records is None else len(records), finished=_now(),
+                     environment=environment_info(self._manifest["x64"]))
         try:
-            cells[cell_id] = {**cells.get(cell_id, {}), "status": "pending"}
-            self._write_manifest()  # claims the cell's files before they exist
-            if records is None:
-                cell_file.unlink(missing_ok=True)
-                self._frames.pop(cell_id, None)
-            else:
-                if arrays:
-                    array_file.parent.mkdir(exist_ok=True)
-                    _atomic_write_bytes(array_file, _npz_bytes(arrays))
-                cell_file.parent.mkdir(exist_ok=True)
-                _atomic_write_bytes(cell_file, _parquet_bytes(records))
-                self._frames[cell_id] = records
-            self._manifest["cells"][cell_id] = {
-                **entry, "rows": 0 if records is None else len(records), "finished": _now(),
-                "environment": environment_info(self._manifest["x64"])}
+            # The claim holds the whole entry, so a crash before the last manifest write
+            # is reconciled to exactly this entry (status from "intended").
+            cells[cell_id] = {**entry, "status": "pending", "intended": status}
+            self._write_manifest()
+            self._write_cell_files(cell_id, records, arrays)
+            cells[cell_id] = entry
             self._write_records()
             self._write_manifest()
         except OSError as e:
             raise UserInputError(f"cannot write {e.filename or self.path} ({e.strerror or e}): "
                                  f"check the free space and permissions of {self.path}") from e
+
+    def _write_cell_files(self, cell_id: str, records: pd.DataFrame | None,
+                          arrays: Mapping[str, np.ndarray] | None) -> None:
+        """The cell's records and arrays files (both removed for a failed cell; the arrays
+        file removed when a rewrite has none, so no stale masks stay behind)."""
+        cell_file, array_file = self._owned_files(cell_id)
+        if records is None:
+            cell_file.unlink(missing_ok=True)
+            self._frames.pop(cell_id, None)
+        if not arrays or records is None:
+            array_file.unlink(missing_ok=True)
+        if records is None:
+            return
+        if arrays:
+            array_file.parent.mkdir(exist_ok=True)
+            _atomic_write_bytes(array_file, _npz_bytes(arrays))
+        cell_file.parent.mkdir(exist_ok=True)
+        _atomic_write_bytes(cell_file, _parquet_bytes(records))
+        self._frames[cell_id] = records
 
     # -- reading and closing
 

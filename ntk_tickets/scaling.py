@@ -34,9 +34,6 @@ import numpy as np
 from ntk_tickets.metrics import scaling_metrics
 from ntk_tickets.select import final_step, training_runs
 
-#: The metrics whose width scaling the tangent-space picture predicts (the registry
-#: entries with ``scales_with_width``).
-SCALING_METRICS = scaling_metrics()
 #: How :func:`fit_power_law` can put an interval on the slope.
 CI_METHODS = ("t", "bootstrap")
 #: The key columns of :func:`scaling_table`, one row per combination.
@@ -52,8 +49,9 @@ def _is_scaling_metric(name: str, metrics: Sequence[str]) -> bool:
 
 def final_values(records, metrics: Sequence[str] | None = None):
     """The value at the last recorded step of every (group, width, seed), for ``metrics``
-    (per-layer forms ``weight_change/<layer>`` included; default :data:`SCALING_METRICS`)
-    and positive finite values only (:func:`ntk_tickets.select.final_step`).
+    (per-layer forms ``weight_change/<layer>`` included; default: the registry entries with
+    ``scales_with_width``, :func:`~ntk_tickets.metrics.scaling_metrics`) and positive
+    finite values only (:func:`ntk_tickets.select.final_step`).
 
     Rows of the perturbation test and of mask comparisons (path ``none``) are left out:
     their width axis is not the question here.
@@ -61,7 +59,7 @@ def final_values(records, metrics: Sequence[str] | None = None):
     Returns:
       A DataFrame with the :data:`GROUP_COLUMNS` plus ``width``, ``seed``, ``value``.
     """
-    metrics = SCALING_METRICS if metrics is None else metrics
+    metrics = scaling_metrics() if metrics is None else metrics
     runs = training_runs(records)
     keep = (runs["metric"].map(lambda m: _is_scaling_metric(m, metrics))
             & (runs["path"] != "none"))
@@ -158,7 +156,8 @@ def scaling_table(records, *, metrics: Sequence[str] | None = None, ci: float = 
 
     Args:
       records: the tidy records of a study (:func:`ntk_tickets.results.load_records`).
-      metrics: metric names (default :data:`SCALING_METRICS`); ``weight_change`` also
+      metrics: metric names (default :func:`~ntk_tickets.metrics.scaling_metrics`);
+        ``weight_change`` also
         selects ``weight_change/<layer>``.
       ci: the central probability of the interval.
       ci_method: ``"t"`` or ``"bootstrap"`` (see the module docstring).

@@ -7,7 +7,8 @@ are summarized, and in which order paths and masks are shown:
   mask, round, split, metric, experiment and ε); ``ntk_init_error``, recorded at step 0
   only, keeps its step 0.
 * :func:`score_metric`: ``"accuracy"`` for classification, ``"loss"`` for regression.
-* :func:`seed_stats`: mean, sample standard deviation, min, max and count over seeds.
+* :func:`seed_stats` and :func:`nan_mean`: mean, sample standard deviation, min, max and
+  count over seeds, NaN where a seed diverged.
 * :data:`PATH_ORDER`, :data:`CONTROL_MASKS` and :func:`ordered`: the display order.
 * :func:`training_runs` / :func:`perturbation_runs`: the records of plain training runs
   (dense networks, tickets and controls) and of the perturbation test (``experiment``
@@ -19,6 +20,8 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
+
+import numpy as np
 
 from ntk_tickets.config import CONTROLS, PATHS
 
@@ -57,11 +60,22 @@ def score_metric(records: pd.DataFrame, path: str | None = None) -> str:
     return "accuracy" if len(rows) else "loss"
 
 
+def nan_mean(values) -> float:
+    """The mean over seeds, NaN if any seed's value is NaN: a diverged run has no value,
+    and a mean over the seeds that survived would hide it."""
+    return float(np.mean(np.asarray(values, dtype=float)))
+
+
 def seed_stats(frame: pd.DataFrame, by: list[str]) -> pd.DataFrame:
     """Mean, sample std (0 for one seed), min, max and number of seeds of ``value``, per
-    group of ``by`` (NaN values, e.g. after divergence, are left out of each statistic)."""
-    stats = frame.groupby(by)["value"].agg(["mean", "std", "min", "max", "count"])
-    return stats.fillna({"std": 0.0}).reset_index()
+    group of ``by``; every statistic is NaN where a seed's value is NaN (:func:`nan_mean`)."""
+    def strict(fn):
+        return lambda v: fn(np.asarray(v, dtype=float))
+
+    stats = frame.groupby(by)["value"].agg(
+        mean=strict(np.mean), std=strict(lambda v: np.std(v, ddof=1) if v.size > 1 else 0.0),
+        min=strict(np.min), max=strict(np.max), count="size")
+    return stats.reset_index()
 
 
 def ordered(names: Iterable[str], first: Sequence[str] = (),

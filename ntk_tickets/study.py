@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import numpy as np
 
 from ntk_tickets.config import (
     StudyConfig,
@@ -151,6 +150,12 @@ def plan_cells(cfg: StudyConfig, finished: Mapping[str, Mapping]) -> tuple[list[
     held: dict[int, set[int]] = {}
     covered = []
     for cid, entry in finished.items():
+        if not (isinstance(entry.get("width"), int)
+                and isinstance(entry.get("seeds"), list)
+                and all(isinstance(s, int) for s in entry["seeds"])):
+            raise UserInputError(
+                f"cell {cid!r} of the manifest has no integer width and list of integer seeds "
+                "(edited by hand?): restore it, or choose another --out DIR")
         held.setdefault(entry["width"], set()).update(entry["seeds"])
         if entry["width"] in cfg.model.widths and set(entry["seeds"]) & set(cfg.train.seeds):
             covered.append(cid)
@@ -178,7 +183,7 @@ def _finished_entries(out_dir: Path, cfg: StudyConfig, data: Dataset,
                       x64: bool) -> dict[str, dict] | None:
     """The finished cells of the study in ``out_dir`` if it is this study (read only, no
     lock); None when there is none or it is another study (the store decides then)."""
-    from ntk_tickets.config import identity_hash
+    from ntk_tickets.config import identity_differences, study_identity
     from ntk_tickets.results import FINISHED, MANIFEST, intact, load_manifest
 
     if not (out_dir / MANIFEST).is_file():
@@ -187,7 +192,7 @@ def _finished_entries(out_dir: Path, cfg: StudyConfig, data: Dataset,
         manifest = load_manifest(out_dir)
     except UserInputError:
         return None
-    same = (manifest["identity_hash"] == identity_hash(config_to_dict(cfg))
+    same = (not identity_differences(manifest["identity"], study_identity(config_to_dict(cfg)))
             and manifest["x64"] == x64
             and manifest.get("data_fingerprint") in (None, data.fingerprint))
     finished = {cid: e for cid, e in manifest["cells"].items() if e["status"] in FINISHED}
@@ -248,7 +253,8 @@ def run_study(cfg: StudyConfig, out_dir: str | Path, *, force: bool = False,
     with cluster, contextlib.closing(ResultsStore(out_dir, config_to_dict(cfg),
                                                   data.fingerprint, x64,
                                                   force=force)) as store:
-        finished = {cid: store.manifest["cells"][cid] for cid in store.done_cells()}
+        cells = store.manifest["cells"]
+        finished = {cid: cells[cid] for cid in store.done_cells()}
         todo, report.skipped = plan_cells(cfg, finished)
         costs = {cell: float(cell_cost(cfg, data, cell.width)) * len(cell.seeds)
                  for cell in todo}
@@ -294,18 +300,20 @@ def _execute(cfg: StudyConfig, todo: Sequence[Cell], x64: bool, data: Dataset,
             yield widths[output.width], output
 
 
-def _nan_mean(values) -> float:
-    """The mean over seeds, NaN if any seed's value is NaN (a diverged run)."""
-    return float(np.mean(np.asarray(values, dtype=float)))
-
-
 def width_table(records) -> str:
     """A per-width text table of the dense networks at the final step (means over seeds):
     test accuracy of each path (test loss for regression), function gap against exact, and
     the exact path's relative weight change. Diverged runs are NaN and shown as such."""
     import pandas as pd
 
-    from ntk_tickets.select import PATH_ORDER, final_step, ordered, score_metric, training_runs
+    from ntk_tickets.select import (
+        PATH_ORDER,
+        final_step,
+        nan_mean,
+        ordered,
+        score_metric,
+        training_runs,
+    )
 
     final = final_step(training_runs(records))
     final = final[final["mask"] == "dense"]
@@ -320,7 +328,7 @@ def width_table(records) -> str:
             rows = final[(final.path == path) & (final.metric == metric)
                          & (final.split == split)]
             if len(rows):
-                columns[f"{name}:{path}"] = rows.groupby("width")["value"].agg(_nan_mean)
+                columns[f"{name}:{path}"] = rows.groupby("width")["value"].agg(nan_mean)
     return pd.DataFrame(columns).to_string(float_format=lambda v: f"{v:.4f}")
 
 
@@ -331,7 +339,14 @@ def ticket_table(records) -> str:
 
     Returns an empty string when the records hold no ticket masks.
     """
-    from ntk_tickets.select import CONTROL_MASKS, final_step, ordered, score_metric, training_runs
+    from ntk_tickets.select import (
+        CONTROL_MASKS,
+        final_step,
+        nan_mean,
+        ordered,
+        score_metric,
+        training_runs,
+    )
 
     final = final_step(training_runs(records))
     final = final[final["split"] == "test"]
@@ -342,7 +357,7 @@ def ticket_table(records) -> str:
     path = "exact" if (final.path == "exact").any() else final.path.iloc[0]
     final = final[final.path == path]
     table = final.pivot_table(index=["width", "sparsity"], columns="mask", values="value",
-                              aggfunc=_nan_mean, dropna=False)
+                              aggfunc=nan_mean, dropna=False)
     order = ordered(table.columns, ["dense"], CONTROL_MASKS)
     header = f"test {score} of each mask ({path} path, mean over seeds)\n"
     return header + table[order].dropna(how="all").to_string(

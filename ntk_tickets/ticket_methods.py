@@ -2,11 +2,14 @@
 
 A :class:`TicketMethod` says how a method finds its masks:
 
-* ``"trained"``: from the magnitudes |θ_T| of a trained network (``imp`` with rewinding,
-  ``oneshot``), driven by the ``tickets.search_path`` training;
+* ``"rewind"``: round r prunes the smallest |θ_T| of round r − 1's trained network and
+  trains the survivors again from the rewind point (``imp``);
+* ``"oneshot"``: every round's mask from the dense network's |θ_T| at once (``oneshot``);
 * ``"at_init"``: from one pass of scores at θ0 (``magnitude_init``, ``snip``, ``grasp``,
   ``ntk_saliency``);
-* ``"iterative"``: from data-free scores recomputed while pruning (``synflow``).
+* ``"rescored"``: from data-free scores at θ0 recomputed while pruning (``synflow``).
+
+The first two are driven by the ``tickets.search_path`` training (:data:`TRAINED`).
 
 An at-initialization entry's ``score(criteria, inputs)`` gets the module
 :mod:`ntk_tickets.criteria` (passed in, so that this module imports no JAX and config
@@ -28,7 +31,9 @@ from typing import Any
 
 from ntk_tickets.registry import Registry
 
-SEARCH_KINDS = ("trained", "at_init", "iterative")
+SEARCH_KINDS = ("rewind", "oneshot", "at_init", "rescored")
+#: The searches driven by training (``tickets.search_path`` applies to them).
+TRAINED = ("rewind", "oneshot")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,14 +71,21 @@ class TicketMethod:
     score: Callable[[Any, ScoreInputs], Any] | None = None
     doc: str = ""
 
+    def __post_init__(self):
+        if self.search not in SEARCH_KINDS:
+            raise ValueError(f"search must be one of {SEARCH_KINDS}, got {self.search!r}")
+        if (self.score is None) != (self.search in TRAINED):
+            need = "needs a" if self.score is None else "takes no"
+            raise ValueError(f"a {self.search!r} ticket method {need} score function")
+
 
 #: :class:`TicketMethod` entries, by ``tickets.method``.
 TICKET_METHODS: Registry = Registry("tickets.method")
 
 TICKET_METHODS.register("imp", TicketMethod(
-    "trained", doc="iterative magnitude pruning with rewinding (Frankle & Carbin 2019)"))
+    "rewind", doc="iterative magnitude pruning with rewinding (Frankle & Carbin 2019)"))
 TICKET_METHODS.register("oneshot", TicketMethod(
-    "trained", doc="every round's mask from the dense run's |θ_T| at once"))
+    "oneshot", doc="every round's mask from the dense run's |θ_T| at once"))
 TICKET_METHODS.register("magnitude_init", TicketMethod(
     "at_init", lambda c, i: c.magnitude_scores(i.params), doc="|θ0|"))
 TICKET_METHODS.register("snip", TicketMethod(
@@ -83,7 +95,7 @@ TICKET_METHODS.register("grasp", TicketMethod(
     "at_init", lambda c, i: c.grasp_scores(i.apply_fn, i.params, i.x, i.y, i.loss_fn),
     doc="gradient-signal preservation θ ⊙ Hg (Wang et al. 2020, arXiv 2002.07376)"))
 TICKET_METHODS.register("synflow", TicketMethod(
-    "iterative", lambda c, i: c.synflow_scores(i.apply_fn, i.params, i.input_shape),
+    "rescored", lambda c, i: c.synflow_scores(i.apply_fn, i.params, i.input_shape),
     doc="data-free synaptic flow (Tanaka et al. 2020, arXiv 2006.05467)"))
 TICKET_METHODS.register("ntk_saliency", TicketMethod(
     "at_init", lambda c, i: c.ntk_saliency_scores(i.apply_fn, i.params, i.x_probe, i.key,
@@ -92,5 +104,5 @@ TICKET_METHODS.register("ntk_saliency", TicketMethod(
 
 
 def at_init_methods() -> tuple[str, ...]:
-    """The methods that score weights without training (``at_init`` and ``iterative``)."""
-    return tuple(n for n, m in TICKET_METHODS.items() if m.search != "trained")
+    """The methods that score weights without training (``at_init`` and ``rescored``)."""
+    return tuple(n for n, m in TICKET_METHODS.items() if m.search not in TRAINED)

@@ -156,13 +156,13 @@ def find_masks(cfg: StudyConfig, cell: DenseCell,
     spec, n_seeds = pruning_spec(t), len(setup.seeds)
     dense = cell.trajectories[search_path]
     search = TICKET_METHODS[t.method].search
-    if search == "iterative":
+    if search == "rescored":
         return _synflow_masks(setup.model.apply_fn, setup.params0, setup.model.input_shape,
                               spec, t.rounds, t.synflow_iterations, n_seeds), {}
     if search == "at_init":
         scores = _at_init_scores(t.method, cell, cfg)
         return _magnitude_round_masks(scores, spec, t.rounds, n_seeds), {}
-    if t.method == "oneshot":
+    if search == "oneshot":
         return _magnitude_round_masks(_absolute(dense.params), spec, t.rounds, n_seeds), {}
     program, theta_k = cell.programs[search_path], dense.params_rewind
     mask, trained, found, traj = masks.ones_like(setup.params0), {}, [], dense

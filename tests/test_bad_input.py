@@ -154,9 +154,11 @@ def test_a_cell_too_large_for_memory_is_refused_before_force_deletes(study, caps
 
 
 def test_rerunning_a_finished_study_writes_nothing(study, capsys):
-    # As root, permissions cannot make a folder read-only; writing nothing at all proves
-    # that a read-only folder would do.
+    # Permissions make the folder read-only, except for root (as in CI), who writes
+    # anyway: there, writing nothing at all proves that a read-only folder would do.
     config, folder = study
+    for path in [folder, *folder.rglob("*")]:
+        path.chmod(path.stat().st_mode & ~0o222)
     before = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in folder.rglob("*")
               if p.is_file()}
     assert main(["run", str(config), "--out", str(folder)]) == 0
@@ -164,6 +166,8 @@ def test_rerunning_a_finished_study_writes_nothing(study, capsys):
     after = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in folder.rglob("*")
              if p.is_file()}
     assert after == before and not (folder / ".lock").exists()
+    for path in [folder, *folder.rglob("*")]:
+        path.chmod(path.stat().st_mode | 0o200)
 
 
 def test_a_study_name_that_is_a_path_is_refused(tmp_path, capsys):

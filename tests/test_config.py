@@ -181,6 +181,8 @@ def test_direct_construction_is_also_validated():
     (lambda: StudyConfig(metrics=("bogus",)), "metrics = 'bogus' is not allowed"),
     (lambda: StudyConfig(name="/tmp/x"), "must be a plain name"),
     (lambda: StudyConfig(model={"widths": [1]}), "model must be a ModelConfig"),
+    (lambda: TicketsConfig(prune_fraction=1.0), "tickets.prune_fraction must be in [0, 1)"),
+    (lambda: TicketsConfig(output_prune_fraction=-0.5), "or -1 (the same as prune_fraction)"),
 ])
 def test_python_construction_validates_every_section(build, fragment):
     with pytest.raises(UserInputError, match=re.escape(fragment)):
@@ -192,3 +194,12 @@ def test_python_construction_normalises_lists_to_tuples():
     assert model.widths == (16, 32) and isinstance(model.widths, tuple)
     assert TrainConfig(learning_rate=1).learning_rate == 1.0
     hash(StudyConfig(model=model))  # hashable: usable as a cache key
+
+
+def test_registries_answer_membership_like_mappings():
+    from ntk_tickets.metrics import METRICS
+
+    assert "loss" in METRICS and "bogus" not in METRICS
+    assert METRICS.get("bogus") is None and METRICS.get("loss") is METRICS["loss"]
+    with pytest.raises(UserInputError, match="metrics = 'bogus' is not allowed"):
+        METRICS["bogus"]

@@ -269,7 +269,15 @@ def test_ctrl_c_prints_one_line_and_keeps_the_finished_cells(tmp_path):
     _, err = process.communicate(timeout=120)
     assert process.returncode == 130, err
     assert "Traceback" not in err
-    saved = len(load_manifest(out)["cells"])
+    cells = load_manifest(out)["cells"].values()
+    saved = sum(c["status"] == "done" for c in cells)
     last = err.strip().splitlines()[-1]
     assert re.fullmatch(rf"ntk-tickets: interrupted: {saved} cells? saved in {re.escape(str(out))}"
                         r"; run the same command to resume", last), last
+    assert saved >= 1
+    # ... and the same command resumes: every cell once, nothing lost.
+    resumed = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    records = load_records(out)
+    assert sorted(records["width"].unique()) == [8, 12, 16, 20, 24, 28]
+    assert not records.duplicated(["width", "seed", "path", "step", "split", "metric"]).any()

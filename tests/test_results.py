@@ -216,10 +216,10 @@ def test_a_killed_writer_blocks_while_alive_and_not_after_sigkill(tmp_path):
     assert len(load_records(tmp_path)) == 4
 
 
-def _claim(folder, cell_id):
-    """What write_cell leaves after entering a cell as pending, before its files."""
+def _claim(folder, cell_id, intended="done", **entry):
+    """What write_cell leaves after claiming a cell, before its last manifest write."""
     manifest = json.loads((folder / "manifest.json").read_text())
-    manifest["cells"][cell_id] = {"status": "pending"}
+    manifest["cells"][cell_id] = {**entry, "status": "pending", "intended": intended}
     (folder / "manifest.json").write_text(json.dumps(manifest))
 
 
@@ -227,7 +227,7 @@ def test_reopening_reconciles_what_a_crash_left(tmp_path):
     _write_two(tmp_path)
     full = load_records(tmp_path)
     # A crash after the cell file was written, before records.parquet and the manifest:
-    _claim(tmp_path, "width=2")
+    _claim(tmp_path, "width=2", "diverged", width=2, seeds=[0], diverged_step={"exact": 3})
     _atomic_write_bytes(tmp_path / "cells" / "width=2.parquet", _parquet_bytes(
         records_frame(_rows(2))))
     # ... and one mid-write of a claimed cell's file:
@@ -236,7 +236,9 @@ def test_reopening_reconciles_what_a_crash_left(tmp_path):
     with _store(tmp_path) as store:
         assert store.done_cells() == {"width=2", "width=4", "width=8"}
         entry = store.manifest["cells"]["width=2"]
-        assert entry["status"] == "done" and entry["rows"] == 4
+        assert entry["status"] == "diverged" and entry["rows"] == 4  # as it was written
+        assert entry["width"] == 2 and entry["seeds"] == [0] and "intended" not in entry
+        assert entry["diverged_step"] == {"exact": 3}
         assert "width=1" not in store.manifest["cells"]
     assert len(load_records(tmp_path)) == 12
     assert not list(tmp_path.rglob("*.tmp"))
@@ -276,10 +278,39 @@ def test_corrupted_files_are_named(tmp_path):
     (tmp_path / "manifest.json").write_text("{not json")
     with pytest.raises(UserInputError, match="manifest.json' is corrupted"):
         load_manifest(tmp_path)
-    with pytest.raises(UserInputError, match="--force"):
+    for force in (False, True):  # nothing proves the other files are ours: never replaced
+        with pytest.raises(UserInputError, match="move it away"):
+            _store(tmp_path, force=force)
+    assert (tmp_path / "manifest.json").read_text() == "{not json"
+    assert len(list((tmp_path / "cells").iterdir())) == 2
+
+
+def test_a_records_file_without_a_manifest_is_never_replaced(tmp_path):
+    (tmp_path / "records.parquet").write_bytes(b"someone else's table")
+    with pytest.raises(UserInputError, match="is not empty"):
         _store(tmp_path)
-    _store(tmp_path, force=True).close()
-    assert load_manifest(tmp_path)["cells"] == {}
+    with pytest.raises(UserInputError, match="no manifest.json accounts for it"):
+        _store(tmp_path, force=True)
+    assert (tmp_path / "records.parquet").read_bytes() == b"someone else's table"
+
+
+def test_force_stopped_midway_leaves_a_folder_the_next_run_accepts(tmp_path, monkeypatch):
+    _write_two(tmp_path)
+    calls = []
+
+    def stop_after_first_delete(self, *args, **kwargs):
+        calls.append(self)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return original(self, *args, **kwargs)
+
+    original = type(tmp_path).unlink
+    monkeypatch.setattr(type(tmp_path), "unlink", stop_after_first_delete)
+    with pytest.raises(KeyboardInterrupt):
+        _store(tmp_path, OTHER, force=True)
+    monkeypatch.undo()
+    with _store(tmp_path) as store:  # the old manifest is still there: its lost cells drop
+        assert len(store.done_cells()) == 1  # one cell file was deleted, one was not
 
 
 def test_missing_results_say_to_run_first(tmp_path):
@@ -432,3 +463,28 @@ def test_a_folder_holding_only_derived_figures_is_a_study_to_redo(tmp_path):
     with _store(tmp_path) as store:
         store.write_cell("width=4", _rows(4), "done")
     assert (tmp_path / "figures" / "loss_test.png").read_bytes() == b"png"
+
+
+def test_rewriting_a_cell_without_arrays_drops_its_old_masks(tmp_path):
+    tree = [(np.ones((2, 2)), np.ones(2))]
+    arrays = mask_arrays({("imp", 1): jax.tree_util.tree_map(lambda a: a[None], tree)}, [0])
+    with _store(tmp_path) as store:
+        store.write_cell("width=4", _rows(4), "done", arrays=arrays, width=4, seeds=[0])
+        assert (tmp_path / "arrays" / "width=4.npz").exists()
+        store.write_cell("width=4", _rows(4), "done", width=4, seeds=[0])
+    assert not (tmp_path / "arrays" / "width=4.npz").exists()
+    with pytest.raises(UserInputError, match="keeps no masks"):
+        load_masks(tmp_path, 4, "imp", 1, 0)
+
+
+def test_a_study_written_before_a_field_existed_still_grows():
+    from ntk_tickets.config import StudyConfig, config_to_dict, identity_differences, \
+        study_identity
+
+    new = study_identity(config_to_dict(StudyConfig()))
+    old = json.loads(json.dumps(new))
+    del old["data"]["std_floor"]  # a field a later version added, at its default
+    assert identity_differences(old, new) == []
+    changed = json.loads(json.dumps(new))
+    changed["data"]["std_floor"] = 0.5
+    assert identity_differences(old, changed) == ["data.std_floor"]
