@@ -478,8 +478,12 @@ def test_rewriting_a_cell_without_arrays_drops_its_old_masks(tmp_path):
 
 
 def test_a_study_written_before_a_field_existed_still_grows():
-    from ntk_tickets.config import StudyConfig, config_to_dict, identity_differences, \
-        study_identity
+    from ntk_tickets.config import (
+        StudyConfig,
+        config_to_dict,
+        identity_differences,
+        study_identity,
+    )
 
     new = study_identity(config_to_dict(StudyConfig()))
     old = json.loads(json.dumps(new))
