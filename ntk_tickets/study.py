@@ -35,6 +35,15 @@ from ntk_tickets.memory import check_memory
 from ntk_tickets.models import build_model, parameter_count
 from ntk_tickets.progress import Progress
 from ntk_tickets.results import ResultsStore
+from ntk_tickets.select import (
+    CONTROL_MASKS,
+    PATH_ORDER,
+    final_step,
+    nan_mean,
+    ordered,
+    score_metric,
+    training_runs,
+)
 
 
 def preset_names() -> list[str]:
@@ -306,15 +315,6 @@ def width_table(records) -> str:
     the exact path's relative weight change. Diverged runs are NaN and shown as such."""
     import pandas as pd
 
-    from ntk_tickets.select import (
-        PATH_ORDER,
-        final_step,
-        nan_mean,
-        ordered,
-        score_metric,
-        training_runs,
-    )
-
     final = final_step(training_runs(records))
     final = final[final["mask"] == "dense"]
     score = score_metric(final)
@@ -339,15 +339,6 @@ def ticket_table(records) -> str:
 
     Returns an empty string when the records hold no ticket masks.
     """
-    from ntk_tickets.select import (
-        CONTROL_MASKS,
-        final_step,
-        nan_mean,
-        ordered,
-        score_metric,
-        training_runs,
-    )
-
     final = final_step(training_runs(records))
     final = final[final["split"] == "test"]
     score = score_metric(final)
