@@ -11,8 +11,12 @@ Run: ``.uv/bin/uv run --frozen python benchmarks/bench_engine.py`` (about 6 minu
     and achieved GFLOP/s from XLA's cost analysis against a float32 matmul peak measured in
     the same run.
 
+(c) Seconds per step of the exact path with the lazy/rich options off (the default), with
+    the ``feature_change`` metric, and with µP's per-parameter rates plus centring, against
+    a hand-written loop that records nothing.
+
 Targets (DESIGN.md §3): linear compile ≤ 2 s at width 4096; linear step ≤ 2× exact step;
-exact ≥ 60 % of matmul peak at width ≥ 2048.
+exact ≥ 60 % of matmul peak at width ≥ 2048; options off ≤ 1.10× the plain loop.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from ntk_tickets import (
     DataConfig,
@@ -33,6 +38,7 @@ from ntk_tickets import (
     nt,
 )
 from ntk_tickets.optimizers import mse_loss
+from ntk_tickets.regimes import lr_factors, scaled_function
 from ntk_tickets.training import log_spaced_steps, make_train_fn
 
 
@@ -71,7 +77,7 @@ def _setup(width: int, data, steps: int):
     params0 = jax.vmap(model.init)(jax.random.PRNGKey(0)[None])
     arrays = {"x_train": jnp.asarray(data.x_train), "y_train": jnp.asarray(data.y_train),
               "x_test": jnp.asarray(data.x_test)}
-    args = (params0, None, arrays, jnp.zeros((1, 0, 0), jnp.int32), jnp.asarray(0))
+    args = (params0, None, arrays, jnp.zeros((1, 0, 0), jnp.int32), jnp.asarray(0), None)
     cfg = TrainConfig(steps=steps, learning_rate=0.1, seeds=(0,))
     theta0 = jax.tree_util.tree_map(lambda a: a[0], params0)
     return model, theta0, args, cfg
@@ -109,6 +115,41 @@ def step_throughput(width: int, data, steps: int) -> dict[str, tuple[float, floa
     return out
 
 
+def regime_overhead(width: int, data, steps: int) -> dict[str, float]:
+    """{variant: seconds per step} of the exact path, one seed, full batch, recording only at
+    steps 0 and ``steps``: a hand-written ``fori_loop`` of SGD steps with nothing recorded
+    (``plain``), the project's program with every option off (``off``), with the
+    feature-change metric (``features``), and with µP's per-parameter rates plus centring
+    (``mup+center``, which costs one extra forward pass per step by construction)."""
+    model, theta0, args, cfg = _setup(width, data, steps)
+    x, y = args[2]["x_train"], args[2]["y_train"]
+    exact = _paths(model, theta0)["exact"]
+    step = _sgd_step(exact)
+    plain = jax.jit(lambda p, p0: jax.lax.fori_loop(0, steps, lambda i, q: step(q, p0, x, y), p))
+    record = np.array([0, steps])
+    mup_cfg = ModelConfig(parameterization="mup", base_width=64)
+    factors = lr_factors(mup_cfg, cfg, width, lambda w: build_model(
+        mup_cfg, w, data.input_shape, data.n_out).init(jax.random.PRNGKey(0)))
+    variants = {
+        "off": (make_train_fn(exact, cfg, record), args),
+        "features": (make_train_fn(exact, cfg, record,
+                                   feature_fn=lambda p, p0, x: model.feature_fn(p, x)), args),
+        "mup+center": (make_train_fn(scaled_function(exact, 1.0, True), cfg, record),
+                       (*args[:-1], jax.tree_util.tree_map(jnp.asarray, factors))),
+    }
+    out = {"plain": _seconds(plain, (theta0, theta0)) / steps}
+    for name, (train, train_args) in variants.items():
+        out[name] = _seconds(train, train_args) / steps
+    return out
+
+
+def _seconds(fn, args, repeats: int = 3) -> float:
+    """Best-of wall seconds of a jitted call (compiled and warmed up first)."""
+    compiled = jax.jit(fn).lower(*args).compile()
+    jax.block_until_ready(compiled(*args))
+    return min(_time(lambda: jax.block_until_ready(compiled(*args))) for _ in range(repeats))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="skip width 4096")
@@ -133,6 +174,14 @@ def main() -> None:
         (te, ge), (tl, gl) = r["exact"], r["linear"]
         print(f"{width:>6} {te:>9.4f} {tl:>9.4f} {tl / te:>9.2f} {ge:>10.1f} "
               f"{100 * ge / peak:>6.0f}% {gl:>9.1f}")
+
+    print("\n(c) exact step time with the regime options off and on, against a plain loop")
+    print(f"{'width':>6} {'plain s':>9} {'off s':>9} {'off/plain':>9} {'features':>9} "
+          f"{'mup+center':>10}")
+    for width in (256, 1024) if args.quick else (256, 1024, 2048):
+        r = regime_overhead(width, data, args.steps)
+        print(f"{width:>6} {r['plain']:>9.4f} {r['off']:>9.4f} {r['off'] / r['plain']:>9.2f} "
+              f"{r['features'] / r['plain']:>9.2f} {r['mup+center'] / r['plain']:>10.2f}")
 
 
 if __name__ == "__main__":

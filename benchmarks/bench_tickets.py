@@ -34,7 +34,8 @@ class RecompilingProgram(TrainingProgram):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self._rebuild = lambda: make_train_fn(*args, **kwargs)
+        build = {k: v for k, v in kwargs.items() if k != "lr_factors"}
+        self._rebuild = lambda: make_train_fn(*args, **build)
 
     def __call__(self, *args, **kwargs):
         self._train = self._rebuild()

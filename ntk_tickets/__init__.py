@@ -18,7 +18,8 @@ _EXPORTS = {
     "StudyConfig": "config", "DataConfig": "config", "ModelConfig": "config",
     "TrainConfig": "config", "TicketsConfig": "config", "load_config": "config",
     "with_overrides": "config", "config_from_dict": "config", "config_to_dict": "config",
-    "config_hash": "config", "parse_override": "config",
+    "config_hash": "config", "parse_override": "config", "cell_factors": "config",
+    "with_factors": "config",
     # registries: one entry per metric, ticket method, architecture, optimizer, dataset
     "METRICS": "metrics", "Metric": "metrics", "TICKET_METHODS": "ticket_methods",
     "ARCHITECTURES": "architectures", "OPTIMIZERS": "optimizers", "LOSSES": "optimizers",
@@ -26,7 +27,7 @@ _EXPORTS = {
     # data, models, neural-tangents
     "Dataset": "data", "load_dataset": "data", "Model": "models", "build_model": "models",
     "layer_params": "models", "parameter_count": "models", "nt": "_nt", "stax": "_nt",
-    "linearize": "linear",
+    "linearize": "linear", "lr_factors": "regimes", "scaled_function": "regimes",
     # training, kernels and masks
     "TrainingProgram": "training", "setup_cell": "experiments",
     "run_paired_width": "experiments", "empirical_ntk": "kernels", "probe_ntk": "kernels",
@@ -37,12 +38,15 @@ _EXPORTS = {
     "width_table": "study", "ticket_table": "study", "load_records": "results",
     "load_manifest": "results", "load_masks": "results", "records_frame": "results",
     "final_step": "select", "seed_stats": "select", "score_metric": "select",
+    "varying_factors": "select", "factor_groups": "select",
     "scaling_table": "scaling", "format_scaling_table": "scaling",
     "fit_power_law": "scaling",
     # figures
     "loss_curves": "plotting", "metric_vs_width": "plotting", "ticket_accuracy": "plotting",
     "mask_overlap": "plotting", "perturbation_curves": "plotting",
     "study_figures": "plotting", "save_figures": "plotting",
+    "factor_vs_width": "regime_figures", "output_scale_curves": "regime_figures",
+    "infinite_width_comparison": "regime_figures", "double_descent": "regime_figures",
     "UserInputError": "errors",
 }
 

@@ -71,10 +71,17 @@ class Architecture:
         return None if self.input_shape is None else self.input_shape.count(",") + 1
 
 
-def dense(cfg: ModelConfig, width: int, stax: Any) -> Any:
-    """``Dense(width)`` with the config's parameterization and initial scales."""
-    return stax.Dense(width, W_std=cfg.w_std, b_std=cfg.b_std,
-                      parameterization=cfg.parameterization)
+def stax_parameterization(cfg: ModelConfig) -> str:
+    """The parameterization stax builds: µP is the ntk form with a rescaled readout and
+    per-layer learning rates (:mod:`ntk_tickets.regimes`)."""
+    return "ntk" if cfg.parameterization == "mup" else cfg.parameterization
+
+
+def dense(cfg: ModelConfig, width: int, stax: Any, w_std: float | None = None) -> Any:
+    """``Dense(width)`` with the config's parameterization and initial scales (``w_std``
+    replaces ``cfg.w_std``, e.g. for µP's readout)."""
+    return stax.Dense(width, W_std=cfg.w_std if w_std is None else w_std, b_std=cfg.b_std,
+                      parameterization=stax_parameterization(cfg))
 
 
 def _activation(cfg: ModelConfig, stax: Any) -> Any:
@@ -107,7 +114,7 @@ def _cnn(n_spatial: int) -> Callable[[ModelConfig, int, Any], Layers]:
         for i in range(cfg.depth):
             layers += [stax.Conv(width, (cfg.kernel_size,) * n_spatial, padding="SAME",
                                  W_std=cfg.w_std, b_std=cfg.b_std,
-                                 parameterization=cfg.parameterization),
+                                 parameterization=stax_parameterization(cfg)),
                        _activation(cfg, stax)]
             names += [f"conv_{i}", None]
         layers.append(stax.Flatten())

@@ -28,7 +28,14 @@ from typing import Any
 from ntk_tickets.errors import UserInputError
 from ntk_tickets.registry import choices_of, resolve
 
-PARAMETERIZATIONS = ("ntk", "standard")
+PARAMETERIZATIONS = ("ntk", "standard", "mup")
+#: ``train.closed_form_time``: the closed forms at the recorded steps, or at t → ∞.
+CLOSED_FORM_TIMES = ("steps", "inf")
+#: Config fields that may list several values; each value is a cell of the study (with its
+#: own records column, named after the field's last part).
+FACTOR_FIELDS = ("model.parameterization", "model.output_scale")
+#: The records columns (and manifest cell entries) of :data:`FACTOR_FIELDS`.
+FACTOR_COLUMNS = tuple(f.rsplit(".", 1)[-1] for f in FACTOR_FIELDS)
 PATHS = ("exact", "linear", "entk", "ntk", "nngp")
 TICKET_SCOPES = ("global", "layer")
 CONTROLS = ("random", "reinit", "shuffle")
@@ -43,8 +50,8 @@ LOSSES = "ntk_tickets.optimizers:LOSSES"
 METRICS = "ntk_tickets.metrics:METRICS"
 TICKET_METHODS = "ntk_tickets.ticket_methods:TICKET_METHODS"
 #: Metrics recorded when ``metrics`` is not given.
-DEFAULT_METRICS = ("loss", "accuracy", "weight_change", "function_gap", "ntk_change",
-                   "ntk_init_error", "variance")
+DEFAULT_METRICS = ("loss", "accuracy", "weight_change", "feature_change", "function_gap",
+                   "ntk_change", "ntk_init_error", "variance", "expected_loss")
 
 
 def _field(default: Any, *, choices: tuple[str, ...] | str | None = None,
@@ -76,6 +83,9 @@ class DataConfig:
     teacher_width: int = _field(64, minimum=1)
     teacher_depth: int = _field(2, minimum=1)
     noise: float = _field(0.0, minimum=0.0, doc="std of Gaussian label noise (teacher, sine)")
+    label_noise: float = _field(0.0, minimum=0.0,
+                                doc="fraction of training labels replaced by uniformly random "
+                                    "classes, seeded by data.seed (classification)")
     standardize: bool = _field(False, doc="standardize inputs per feature with training "
                                           "statistics (default: inputs as the data give them)")
     std_floor: float = _field(1.0, minimum=0.0,
@@ -84,6 +94,9 @@ class DataConfig:
 
     def __post_init__(self):
         _validate_fields(self, "data")
+        if self.label_noise > 1.0:
+            raise UserInputError(f"data.label_noise is a fraction of the training labels: it "
+                                 f"must be in [0, 1], got {self.label_noise}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,13 +107,24 @@ class ModelConfig:
     depth: int = _field(2, minimum=1, doc="hidden layers (blocks for resmlp)")
     widths: tuple[int, ...] = _field((64, 256, 1024), minimum=1)
     activation: str = _field("relu", choices=ACTIVATIONS)
-    parameterization: str = _field("ntk", choices=PARAMETERIZATIONS)
+    parameterization: str | tuple[str, ...] = _field(
+        "ntk", choices=PARAMETERIZATIONS,
+        doc="ntk, standard or mup (maximal update, Yang & Hu 2021); a list makes one cell "
+            "per value")
+    base_width: int = _field(64, minimum=1, doc="the width at which mup equals ntk")
+    output_scale: float | tuple[float, ...] = _field(
+        1.0, minimum=0.0,
+        doc="α: the trained function is α·f (α·(f − f0) when centred) at learning rate "
+            "η/α² (η/α for adam); large α is lazy; a list makes one cell per value")
+    center: bool = _field(False, doc="train α·(f(θ) − f(θ0)), so the output starts at 0")
     w_std: float = _field(math.sqrt(2.0), minimum=0.0)
     b_std: float = _field(0.05, minimum=0.0)
     kernel_size: int = _field(3, minimum=1, doc="CNN filter size")
 
     def __post_init__(self):
         _validate_fields(self, "model")
+        if 0.0 in factor_values(self.output_scale):
+            raise UserInputError("model.output_scale must be > 0, got 0")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,6 +143,12 @@ class TrainConfig:
     seeds: tuple[int, ...] = _field((0, 1), minimum=0)
     x64: bool = _field(False, doc="float64 everywhere (also set by JAX_ENABLE_X64)")
     log_points: int = _field(20, minimum=2, doc="log-spaced steps at which metrics are recorded")
+    ridge: float = _field(0.0, minimum=0.0,
+                          doc="diagonal regularizer of the closed forms (entk, ntk, nngp), "
+                              "relative to the kernel's mean diagonal")
+    closed_form_time: str = _field("steps", choices=CLOSED_FORM_TIMES,
+                                   doc="steps: closed forms at the recorded steps; inf: their "
+                                       "t → ∞ solution, recorded at the last step")
 
     def __post_init__(self):
         _validate_fields(self, "train")
@@ -193,6 +223,10 @@ class StudyConfig:
                 f"train.loss = 'xent' needs a classification dataset, but data.name = "
                 f"{self.data.name!r} is regression: use train.loss = 'mse'"
             )
+        if self.data.label_noise and source.task == "regression":
+            raise UserInputError(
+                f"data.label_noise replaces class labels, but data.name = {self.data.name!r} "
+                "is regression: use data.noise for noisy regression targets")
 
 
 def _check_tickets(t: TicketsConfig, paths: Sequence[str], steps: int) -> None:
@@ -279,7 +313,18 @@ def _type_name(tp: Any) -> str:
 
 
 def _coerce(field: str, tp: Any, value: Any) -> Any:
-    """Checks ``value`` against the annotation ``tp``; returns it in canonical form."""
+    """Checks ``value`` against the annotation ``tp``; returns it in canonical form.
+
+    A factor field (``X | tuple[X, ...]``) takes one value or a non-empty list of them; a
+    one-element list is stored as its value.
+    """
+    if isinstance(tp, types.UnionType) and type(None) not in typing.get_args(tp):
+        scalar, many = typing.get_args(tp)
+        if not isinstance(value, list | tuple):
+            return _coerce(field, scalar, value)
+        values = _coerce(field, many, value)
+        _check_nonempty(field, values)
+        return values[0] if len(values) == 1 else values
     origin = typing.get_origin(tp)
     if origin is tuple:
         (item_tp, _) = typing.get_args(tp)
@@ -348,7 +393,51 @@ def config_hash(cfg: StudyConfig) -> str:
 
 
 #: Fields that only enumerate a study's cells: a results folder grows along them.
-CELL_FIELDS = ("name", "model.widths", "train.seeds")
+CELL_FIELDS = ("name", "model.widths", "train.seeds", *FACTOR_FIELDS)
+
+
+def factor_values(value: Any) -> tuple[Any, ...]:
+    """The values of a factor field (:data:`FACTOR_FIELDS`) as a tuple: ``"mup"`` →
+    ``("mup",)``, ``("ntk", "mup")`` unchanged."""
+    return tuple(value) if isinstance(value, list | tuple) else (value,)
+
+
+def factor_defaults() -> dict[str, Any]:
+    """``{column: default value}`` of the factor fields (:data:`FACTOR_COLUMNS`)."""
+    defaults = config_to_dict(StudyConfig())
+    return {column: _dotted(defaults, field)
+            for field, column in zip(FACTOR_FIELDS, FACTOR_COLUMNS, strict=True)}
+
+
+def factor_tag(column: str, value: Any) -> str:
+    """A factor value in a file name (cell ids, figure names): a name as it is (``mup``), a
+    number after the column's initials (``output_scale = 10`` → ``os10``)."""
+    if isinstance(value, str):
+        return value
+    return "".join(word[0] for word in column.split("_")) + f"{value:g}"
+
+
+def cell_factors(cfg: StudyConfig) -> list[dict[str, Any]]:
+    """Every combination of the factor fields' values, in config order: one dict
+    ``{column: value}`` per combination, e.g. ``[{"parameterization": "ntk",
+    "output_scale": 1.0}, {"parameterization": "mup", "output_scale": 1.0}]``."""
+    combos: list[dict[str, Any]] = [{}]
+    for field, column in zip(FACTOR_FIELDS, FACTOR_COLUMNS, strict=True):
+        combos = [{**c, column: v} for c in combos for v in factor_values(_get(cfg, field))]
+    return combos
+
+
+def with_factors(cfg: StudyConfig, factors: Mapping[str, Any]) -> StudyConfig:
+    """``cfg`` with each factor field set to one value (``factors`` from
+    :func:`cell_factors`): the config one cell runs under."""
+    sections: dict[str, dict[str, Any]] = {}
+    for field in FACTOR_FIELDS:
+        section, key = field.split(".")
+        if key in factors:
+            sections.setdefault(section, {})[key] = factors[key]
+    return dataclasses.replace(cfg, **{
+        section: dataclasses.replace(getattr(cfg, section), **values)
+        for section, values in sections.items()})
 
 
 def study_identity(config: Mapping[str, Any]) -> dict[str, Any]:
@@ -391,6 +480,7 @@ def identity_differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list
     so a later version can still grow an earlier study.
     """
     defaults = study_identity(config_to_dict(StudyConfig(tickets=TicketsConfig())))
+    old, new = study_identity(old), study_identity(new)  # fields that became cell factors
     return [field for field in differing_fields(old, new)
             if not (_dotted(old, field) is _ABSENT
                     and _dotted(new, field) == _dotted(defaults, field))]

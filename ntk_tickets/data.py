@@ -59,7 +59,14 @@ Shared pipeline (:func:`load_dataset`):
    ``standardize`` is off by default: every built-in dataset already comes on one bounded
    scale (pixels in [0, 1], mnist1d's signals, N(0, I) teacher inputs, sine on [−π, π]), and
    the floor protects a user who turns standardization on for their own files.
-3. Targets: classification with loss ``"mse"`` gives centred one-hot rows onehot − 1/K
+3. Label noise (``cfg.label_noise`` = p, classification only): exactly round(p·n_train)
+   training labels, chosen at random, are replaced by classes drawn uniformly from 0..K−1
+   (a draw may equal the old label, so about p·(K−1)/K of the labels change), from a
+   generator of its own seeded by ``cfg.seed``: p = 0 leaves the data bit for bit as without
+   it, and the test labels are never touched. Noisy labels make the interpolation threshold
+   of the linearized model visible as a peak of the test loss against width (double descent;
+   Belkin et al. 2019, Adlam & Pennington 2020, arXiv 2008.06786).
+4. Targets: classification with loss ``"mse"`` gives centred one-hot rows onehot − 1/K
    (float64, (n, K), each row sums to 0); with loss ``"xent"`` int32 labels (n,). Regression
    gives float64 (n, d); loss ``"xent"`` on regression data is an error.
 
@@ -90,7 +97,8 @@ from ntk_tickets.errors import UserInputError
 from ntk_tickets.optimizers import LOSSES
 from ntk_tickets.registry import Registry
 
-_DATA_STREAM, _SPLIT_STREAM = 0, 1  # independent generators per role, both from cfg.seed
+# independent generators per role, all from cfg.seed
+_DATA_STREAM, _SPLIT_STREAM, _LABEL_NOISE_STREAM = 0, 1, 2
 _CONSTANT_TOL = 1e-8  # relative: σ ≤ _CONSTANT_TOL·(1 + |μ|) counts as a constant feature
 _TEACHER_REFERENCE_POINTS = 4096  # inputs on which the teacher's output scale is measured
 _NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
@@ -116,8 +124,8 @@ class Dataset:
       x_test: float64, (n_test, *input_shape).
       y_test: as ``y_train``, with n_test rows.
       n_classes: number of classes K; 0 for regression.
-      fingerprint: 16 hex digits of SHA-256 over the name, K and the dtypes, shapes and
-        bytes of the four arrays.
+      fingerprint: 16 hex digits of SHA-256 over the name, K, the label noise (when
+        > 0) and the dtypes, shapes and bytes of the four arrays.
     """
 
     name: str
@@ -169,8 +177,9 @@ def load_dataset(cfg: DataConfig, loss: str = "mse") -> Dataset:
 
     Raises:
       UserInputError: for a bad loss, a missing or malformed file (class labels that are
-        not 0, 1, ..., K−1 with every class in the training array included), or more points
-        asked for than the data holds; the message names the field, or the file and array.
+        not 0, 1, ..., K−1 with every class in the training array included), more points
+        asked for than the data holds, or label noise on regression targets; the message
+        names the field, or the file and array.
     """
     LOSSES[loss]  # refuses an unknown loss, naming train.loss
     source = DATASETS[cfg.name].load(cfg, np.random.default_rng([cfg.seed, _DATA_STREAM]))
@@ -179,9 +188,17 @@ def load_dataset(cfg: DataConfig, loss: str = "mse") -> Dataset:
             f"train.loss = 'xent' needs class labels, but data.name = {cfg.name!r} is "
             "regression: use train.loss = 'mse'"
         )
+    if cfg.label_noise and source.n_classes == 0:
+        raise UserInputError(
+            f"data.label_noise = {cfg.label_noise} replaces class labels, but "
+            f"{source.description} holds regression targets: set data.label_noise = 0"
+        )
     (x_train, y_train), (x_test, y_test) = _subsets(
         source, cfg.n_train, cfg.n_test, np.random.default_rng([cfg.seed, _SPLIT_STREAM])
     )
+    if cfg.label_noise:
+        y_train = _noisy_labels(y_train, source.n_classes, cfg.label_noise,
+                                np.random.default_rng([cfg.seed, _LABEL_NOISE_STREAM]))
     if cfg.standardize:
         x_train, x_test = _standardize(x_train, x_test, cfg.std_floor)
     arrays = (
@@ -193,7 +210,7 @@ def load_dataset(cfg: DataConfig, loss: str = "mse") -> Dataset:
     for a in arrays:
         a.setflags(write=False)
     return Dataset(cfg.name, *arrays, source.n_classes,
-                   _fingerprint(cfg.name, source.n_classes, arrays))
+                   _fingerprint(cfg.name, source.n_classes, cfg.label_noise, arrays))
 
 
 # ----------------------------------------------------------------------------- pipeline
@@ -284,6 +301,16 @@ def _standardize(x_train: np.ndarray, x_test: np.ndarray,
     return (x_train - mu) / sigma, (x_test - mu) / sigma
 
 
+def _noisy_labels(labels: np.ndarray, n_classes: int, fraction: float,
+                  rng: np.random.Generator) -> np.ndarray:
+    """A copy of ``labels`` (n,) with round(fraction·n) of them, chosen without replacement,
+    set to classes drawn uniformly from 0..n_classes−1 (possibly the old label)."""
+    noisy = labels.copy()
+    chosen = rng.choice(len(labels), size=round(fraction * len(labels)), replace=False)
+    noisy[chosen] = rng.integers(0, n_classes, size=len(chosen))
+    return noisy
+
+
 def _encode_targets(y: np.ndarray, n_classes: int, loss: str) -> np.ndarray:
     """Regression: float64 (n, d). Classes: int32 (n,) for xent, onehot − 1/K (n, K) for mse."""
     if n_classes == 0:
@@ -293,9 +320,12 @@ def _encode_targets(y: np.ndarray, n_classes: int, loss: str) -> np.ndarray:
     return np.eye(n_classes)[y] - 1.0 / n_classes
 
 
-def _fingerprint(name: str, n_classes: int, arrays: Sequence[np.ndarray]) -> str:
-    """16 hex digits of SHA-256 over the name, K and each array's dtype, shape and bytes."""
-    digest = hashlib.sha256(f"{name}|{n_classes}".encode())
+def _fingerprint(name: str, n_classes: int, label_noise: float,
+                 arrays: Sequence[np.ndarray]) -> str:
+    """16 hex digits of SHA-256 over the name, K, the label noise (only when > 0, so that
+    fingerprints without it stay as they were) and each array's dtype, shape and bytes."""
+    noise = f"|label_noise={label_noise!r}" if label_noise else ""
+    digest = hashlib.sha256(f"{name}|{n_classes}{noise}".encode())
     for a in arrays:
         digest.update(f"|{a.dtype.str}{a.shape}|".encode())
         digest.update(np.ascontiguousarray(a).tobytes())

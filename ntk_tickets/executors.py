@@ -36,7 +36,7 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
-from ntk_tickets.config import DataConfig, StudyConfig
+from ntk_tickets.config import DataConfig, StudyConfig, cell_factors
 from ntk_tickets.data import Dataset, load_dataset
 from ntk_tickets.errors import UserInputError
 
@@ -79,7 +79,8 @@ def compute_cell(cfg: StudyConfig, width: int, x64: bool,
     """Runs the cell of one width: the paired study, or the ticket study if ``cfg.tickets``.
 
     Args:
-      cfg: the study config.
+      cfg: the cell's config (one value of each factor field, ``Cell.config``); its factor
+        values are stamped on every record.
       width: hidden units (MLPs) or channels (CNNs).
       x64: compute in float64.
       data: the dataset, if already loaded (else loaded here, once per process).
@@ -97,6 +98,9 @@ def compute_cell(cfg: StudyConfig, width: int, x64: bool,
     run_cell = run_paired_width if cfg.tickets is None else run_ticket_width
     with jax.enable_x64(x64):
         result = run_cell(cfg, data, width)
+    (factors,) = cell_factors(cfg)
+    for row in result.rows:
+        row.update(factors)
     return CellOutput(width, records_frame(result.rows), result.status, result.compile_s,
                       result.run_s, result.info, result.arrays)
 

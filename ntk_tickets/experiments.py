@@ -11,13 +11,26 @@ plus the cell's status and timings. The paths:
 
 Cross-entropy has no closed forms by design: for ``train.loss = "xent"`` the ``entk``,
 ``ntk`` and ``nngp`` paths are skipped (the linear path covers the tangent-space picture).
+They are skipped under ``model.parameterization = "mup"`` too (no rows): the infinite-width
+limit of µP is not a kernel (its features keep learning; Yang & Hu 2021) and its per-layer
+learning rates make the linearized model's kernel differ from the empirical NTK.
+
+The closed forms use ``train.ridge`` as neural-tangents' ``diag_reg`` (relative to the
+kernel's mean diagonal) and the cell's output scale α and centring (the trained function
+α·f, or α·(f − f0), at learning rate η/α²: same kernel and η, initial outputs α·f0 or 0,
+ensemble variance ×α² or 0; :mod:`ntk_tickets.kernels`). With ``train.closed_form_time =
+"inf"`` they are evaluated at t → ∞ and recorded at the study's last step only
+(:func:`closed_form_steps`), next to the trained paths' final values.
 
 Metrics (names from DESIGN.md §4): ``loss``/``accuracy`` (train, test) for every path;
 ``function_gap`` (test RMSE against ``exact``) for the others; ``weight_change`` and
 ``weight_change/<layer>`` (relative) for exact and linear; ``ntk_change`` (probe, every
 recorded step, exact path: the linear path's tangent kernel never changes);
 ``ntk_init_error`` (probe, step 0); ``variance`` (test, the
-infinite-width ensemble's predictive variance averaged over test points) for ntk and nngp.
+infinite-width ensemble's predictive variance averaged over test points) and
+``expected_loss`` (test, the loss averaged over initializations) for ntk and nngp;
+``ensemble_loss`` and ``ensemble_accuracy`` (train, test; the outputs averaged over the
+cell's seeds, recorded with seed −1) for exact, linear and entk.
 """
 
 from __future__ import annotations
@@ -32,7 +45,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ntk_tickets import kernels, masks, metrics
+from ntk_tickets import kernels, masks, metrics, regimes
 from ntk_tickets.config import StudyConfig
 from ntk_tickets.data import Dataset
 from ntk_tickets.linear import linearize
@@ -79,7 +92,8 @@ def path_rows(outputs: metrics.PathOutputs, seeds, steps,
     one path's outputs support, NaN after divergence."""
     rows = []
     for (split, metric), values in metrics.path_values(outputs, names).items():
-        rows += _grid_rows(outputs.path, seeds, steps, split, metric, values)
+        rows += _grid_rows(outputs.path, metrics.record_seeds(metric, seeds), steps, split,
+                           metric, values)
     return rows
 
 
@@ -140,22 +154,41 @@ def setup_cell(cfg: StudyConfig, data: Dataset, width: int) -> CellSetup:
                      mask_keys)
 
 
+def _needs(cfg: StudyConfig, need: str) -> bool:
+    """Whether a metric of ``cfg.metrics`` needs ``need`` (:data:`metrics.NEEDS`)."""
+    return any(need in metrics.METRICS[m].needs for m in cfg.metrics)
+
+
 def training_programs(cfg: StudyConfig, model: Model,
                       steps: np.ndarray) -> dict[str, TrainingProgram]:
     """One :class:`TrainingProgram` per trained path in ``cfg.paths`` (exact, linear).
 
-    The exact program records the probe NTK when ``ntk_change`` is a metric; the linear
-    path's tangent kernel is the one at its start by construction, so it records none.
+    Both train the cell's function (:func:`ntk_tickets.regimes.scaled_function`: output
+    scale α, centring) with its per-parameter learning rates (µP, α;
+    :func:`ntk_tickets.regimes.lr_factors`). The exact program records the probe NTK when
+    ``ntk_change`` is a metric; the linear path's tangent kernel is the one at its start by
+    construction, so it records none. With ``feature_change``, each records the change of
+    its own last hidden features: the network's, or their linearization around θ0.
     """
+    lr = regimes.lr_factors(cfg.model, cfg.train, model.width,
+                            lambda w: build_model(cfg.model, w, model.input_shape,
+                                                  model.n_out).init(jax.random.PRNGKey(0)))
+    features = _needs(cfg, "features")
+
+    def program(fn, feature_fn, probe=None):
+        return TrainingProgram(
+            regimes.scaled_function(fn, cfg.model.output_scale, cfg.model.center), cfg.train,
+            steps, probe_kernel_fn=probe, feature_fn=feature_fn if features else None,
+            lr_factors=lr)
+
     programs = {}
     if "exact" in cfg.paths:
-        probe = None
-        if any("probe_kernel" in metrics.METRICS[m].needs for m in cfg.metrics):
-            probe = functools.partial(kernels.probe_ntk, model.apply_fn)
-        programs["exact"] = TrainingProgram(lambda p, p0, x: model.apply_fn(p, x), cfg.train,
-                                            steps, probe_kernel_fn=probe)
+        probe = (functools.partial(kernels.probe_ntk, model.apply_fn)
+                 if _needs(cfg, "probe_kernel") else None)
+        programs["exact"] = program(lambda p, p0, x: model.apply_fn(p, x),
+                                    lambda p, p0, x: model.feature_fn(p, x), probe)
     if "linear" in cfg.paths:
-        programs["linear"] = TrainingProgram(linearize(model.apply_fn), cfg.train, steps)
+        programs["linear"] = program(linearize(model.apply_fn), linearize(model.feature_fn))
     return programs
 
 
@@ -170,7 +203,11 @@ def outputs_of(path: str, data: Dataset, cfg: StudyConfig, f_train, f_test,
         sq_norm0=None if traj is None else np.asarray(traj.sq_norm0),
         layer_names=layer_names,
         probe_kernel=(None if traj is None or traj.probe_kernel is None
-                      else np.asarray(traj.probe_kernel)))
+                      else np.asarray(traj.probe_kernel)),
+        feature_sq_change=(None if traj is None or traj.feature_sq_change is None
+                           else np.asarray(traj.feature_sq_change)),
+        feature_sq_norm0=(None if traj is None or traj.feature_sq_norm0 is None
+                          else np.asarray(traj.feature_sq_norm0)))
 
 
 def trajectory_rows(path: str, setup: CellSetup, traj: Trajectory, data: Dataset,
@@ -221,26 +258,23 @@ def run_dense(cfg: StudyConfig, data: Dataset, width: int) -> DenseCell:
 
     start = time.perf_counter()
     rows: list[dict[str, Any]] = []
-    outputs = {}
-    if cfg.train.loss == "mse":
-        outputs, variances = _closed_form_outputs(cfg, setup, steps)
-        for path, variance in variances.items():
-            rows += _grid_rows(path, seeds, steps, "test", "variance",
-                               np.broadcast_to(variance, (len(seeds), len(steps))))
     if "ntk_init_error" in cfg.metrics:
         values = [[kernels.ntk_init_error(setup.model.apply_fn, setup.model.kernel_fn,
                                           _unstack(setup.params0, i), setup.data["x_probe"],
                                           cache=setup.model.cache)]
                   for i in range(len(seeds))]
         rows += _grid_rows("exact", seeds, [0], "probe", "ntk_init_error", np.asarray(values))
+    if "params_per_target" in cfg.metrics:
+        ratio = info["n_params"] / (len(data.x_train) * data.n_out)
+        rows += _grid_rows("exact", seeds, [0], "none", "params_per_target",
+                           np.full((len(seeds), 1), ratio))
     f_test_exact = (np.asarray(trajectories["exact"].f_test) if "exact" in trajectories
                     else None)
-    for path, (f_train, f_test) in outputs.items():
-        rows += path_rows(outputs_of(path, data, cfg, f_train, f_test, f_test_exact),
-                          seeds, steps, cfg.metrics)
-        info["diverged_step"][path] = divergence_by_seed(seeds, steps, f_train, data.y_train,
-                                                         cfg.train.loss)
-    rows = [r for r in rows if r["metric"].split("/")[0] in cfg.metrics]
+    closed_steps = closed_form_steps(cfg, steps)
+    for outputs in _closed_form_outputs(cfg, setup, data, f_test_exact).values():
+        rows += path_rows(outputs, seeds, closed_steps, cfg.metrics)
+        info["diverged_step"][outputs.path] = divergence_by_seed(
+            seeds, closed_steps, outputs.f_train, data.y_train, cfg.train.loss)
     for path, traj in trajectories.items():
         rows += trajectory_rows(path, setup, traj, data, cfg, f_test_exact)
     return DenseCell(setup, programs, trajectories, rows, info, time.perf_counter() - start)
@@ -280,27 +314,58 @@ def divergence_by_seed(seeds, steps, f_train, y_train, loss) -> dict[str, int | 
     return {str(s): _first_divergence(losses[i], steps) for i, s in enumerate(seeds)}
 
 
-def _closed_form_outputs(cfg: StudyConfig, setup: CellSetup, steps: np.ndarray):
-    """Outputs (s, r, n, k) of the entk, ntk and nngp paths that ``cfg.paths`` asks for,
-    and the infinite-width ensemble variance averaged over test points, (r,) per path."""
-    model, params0 = setup.model, setup.params0
+def has_closed_forms(cfg: StudyConfig) -> bool:
+    """Whether the cell runs the closed-form paths it asks for: MSE loss and not µP (module
+    docstring)."""
+    return cfg.train.loss == "mse" and cfg.model.parameterization != "mup"
+
+
+def closed_form_steps(cfg: StudyConfig, steps: np.ndarray) -> np.ndarray:
+    """The steps at which the closed forms are recorded: the recorded ``steps`` (r,), or
+    only the last one for ``train.closed_form_time = "inf"`` (their t → ∞ values, so that
+    final-step tables pair them with the trained paths' final values)."""
+    return steps[-1:] if cfg.train.closed_form_time == "inf" else steps
+
+
+def _closed_form_outputs(cfg: StudyConfig, setup: CellSetup, data: Dataset,
+                         f_test_exact: np.ndarray | None) -> dict[str, metrics.PathOutputs]:
+    """The outputs (s, r', n, k) of the entk, ntk and nngp paths that ``cfg.paths`` asks for
+    (none without :func:`has_closed_forms`), r' the :func:`closed_form_steps`.
+
+    All use ``train.ridge`` (neural-tangents' relative ``diag_reg``) and the cell's output
+    scale and centring; ntk and nngp carry their predictive variance per test point.
+    ``f_test_exact`` (s, r, n_test, k) is the exact path at every recorded step, or None.
+    """
+    if not has_closed_forms(cfg):
+        return {}
+    model, params0, steps = setup.model, setup.params0, setup.steps
     x_train, y_train, x_test = (setup.data[k] for k in ("x_train", "y_train", "x_test"))
-    out, variances = {}, {}
+    times = None if cfg.train.closed_form_time == "inf" else steps
+    options = dict(diag_reg=cfg.train.ridge, output_scale=cfg.model.output_scale,
+                   center=cfg.model.center)
+    n_seeds = len(setup.seeds)
+    if f_test_exact is not None:  # the exact path at the closed forms' steps
+        f_test_exact = f_test_exact[:, np.isin(steps, closed_form_steps(cfg, steps))]
+
+    def outputs(path, f_train, f_test, test_variance=None):
+        return dataclasses.replace(
+            outputs_of(path, data, cfg, f_train, f_test, f_test_exact),
+            test_variance=test_variance)
+
+    out = {}
     if "entk" in cfg.paths:
         per_seed = [kernels.empirical_ntk_predictions(
             model.apply_fn, _unstack(params0, i), x_train, y_train, x_test,
-            cfg.train.learning_rate, steps, cache=model.cache)
-            for i in range(len(cfg.train.seeds))]
-        out["entk"] = tuple(np.stack([np.asarray(p[j]) for p in per_seed]) for j in (0, 1))
+            cfg.train.learning_rate, times, cache=model.cache, **options)
+            for i in range(n_seeds)]
+        out["entk"] = outputs("entk", *(np.stack([np.asarray(p[j]) for p in per_seed])
+                                        for j in (0, 1)))
     infinite = [p for p in ("ntk", "nngp") if p in cfg.paths]
     if infinite:
         predictions = kernels.infinite_width_predictions(
-            model.kernel_fn, x_train, y_train, x_test, cfg.train.learning_rate, steps,
-            get=tuple(infinite))
-        n_seeds = len(cfg.train.seeds)
+            model.kernel_fn, x_train, y_train, x_test, cfg.train.learning_rate, times,
+            get=tuple(infinite), **options)
         for path in infinite:
-            mean_train, mean_test, var_test = predictions[path]
-            out[path] = tuple(np.broadcast_to(np.asarray(m), (n_seeds, *m.shape))
-                              for m in (mean_train, mean_test))
-            variances[path] = np.asarray(var_test).mean(axis=-1)
-    return out, variances
+            out[path] = outputs(path, *(np.broadcast_to(np.asarray(a), (n_seeds, *a.shape))
+                                        for a in predictions[path]))
+    return out

@@ -25,6 +25,19 @@ Conventions (the same everywhere in ntk_tickets):
   *average* over the k outputs, (1/k) Σ_c J_c J_cᵀ, as neural-tangents computes it; it is what
   the analytic ``kernel_fn(x1, x2, "ntk")`` approximates. A full NTK (``trace=False``) has shape
   ``(n1, n2, k, k)`` and keeps the couplings between outputs.
+* **Ridge and infinite time.** ``diag_reg`` = λ adds λ·mean(diag K)·I to the train-train
+  kernel K (neural-tangents' ``diag_reg`` with ``diag_reg_absolute_scale=False``); at t → ∞
+  (``steps=None``, neural-tangents' ``t=None``, a linear solve) the test outputs are kernel
+  ridge regression, K_*·(K + λ·mean(diag K)·I)⁻¹·y. Training outputs are those of the
+  trained model, i.e. the test formula at the training inputs, so with λ > 0 they do not
+  interpolate.
+* **Output scale and centring.** The trained function of a model with output scale α is
+  g(θ, x) = α·f(θ, x), or α·(f(θ, x) − f(θ0, x)) when centred, trained at learning rate
+  η/α². Its kernel is α²Θ, so the function-space dynamics at η/α² are those of Θ at η: the
+  kernel and η stay, and only the initial outputs change, g(θ0, ·) = α·f(θ0, ·), or 0 when
+  centred (Chizat, Oyallon & Bach 2019, arXiv 1812.07956). Over initializations the
+  infinite-width mean is unchanged (f(θ0) has mean 0) and the covariance, which comes from
+  f(θ0) alone, is multiplied by α², or vanishes when centred.
 * **Only MSE has a closed form.** Cross-entropy training has none, by design; the linear path
   (``ntk_tickets.linear``, trained with the optimizer) covers it.
 * **Parameters are jit arguments**, never closed over (DESIGN.md §3): the jitted empirical-NTK
@@ -41,6 +54,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from ntk_tickets import regimes
 from ntk_tickets._nt import check_ntk_implementation, nt
 from ntk_tickets.errors import UserInputError
 from ntk_tickets.models import parameter_count
@@ -246,66 +260,98 @@ def ntk_change(apply_fn: Callable, params: PyTree, params0: PyTree, x_probe: jax
     return relative_frobenius(empirical_ntk(apply_fn, params, x_probe, max_bytes=max_bytes), k0)
 
 
+def _times(steps: jax.Array | None) -> jax.Array | None:
+    """neural-tangents' t: the steps as an array, or None for t → ∞."""
+    return None if steps is None else jnp.asarray(steps)
+
+
+def _with_time_axis(outputs: jax.Array, steps: jax.Array | None) -> jax.Array:
+    """``outputs`` with the leading time axis that neural-tangents omits for t = None."""
+    return outputs[None] if steps is None else outputs
+
+
 def empirical_ntk_predictions(apply_fn: Callable, params0: PyTree, x_train: jax.Array,
                               y_train: jax.Array, x_test: jax.Array, learning_rate: float,
-                              steps: jax.Array, *, max_bytes: int = 2**31,
-                              cache: MutableMapping | None = None
+                              steps: jax.Array | None, *, diag_reg: float = 0.0,
+                              output_scale: float = 1.0, center: bool = False,
+                              max_bytes: int = 2**31, cache: MutableMapping | None = None
                               ) -> tuple[jax.Array, jax.Array]:
     """Closed-form outputs of the linearized network under full-batch gradient flow on MSE.
 
     With Θ̂ the full ``(n·k) × (n·k)`` empirical NTK at θ0 (``trace=False``, so couplings
-    between outputs are exact) and L = ½·mean((f − y)²) over all n·k entries (Lee et al. 2019,
-    eq. 9–11, with their η/n replaced by η/(n·k)):
+    between outputs are exact), K = Θ̂ + λ·mean(diag Θ̂)·I with λ = ``diag_reg``, g0 the
+    initial outputs of the trained function (α·f(θ0, ·), or 0 when centred;
+    :func:`ntk_tickets.regimes.scaled_function`) and L = ½·mean((f − y)²) over all n·k
+    entries (Lee et al. 2019, eq. 9–11, with their η/n replaced by η/(n·k)):
 
-      f_train(t) = y + exp(−η t Θ̂ / (n·k)) (f(θ0, x_train) − y)
-      f_test(t)  = f(θ0, x_test) + Θ̂_test,train Θ̂⁻¹ (exp(−η t Θ̂ / (n·k)) − I)
-                   (f(θ0, x_train) − y),
+      f_test(t)  = g0(x_test) + Θ̂_test,train K⁻¹ (exp(−η t K / (n·k)) − I) (g0(x_train) − y)
+      f_train(t) = y + exp(−η t Θ̂ / (n·k)) (g0(x_train) − y)        (λ = 0)
+      f_train(t) = f_test(t) evaluated at x_train                    (λ > 0),
 
     computed by ``nt.predict.gradient_descent_mse(..., trace_axes=())``. ``t = steps``
     approximates ``steps`` steps of discrete full-batch GD with step size η on the linearized
-    model. Cross-entropy has no closed form, by design: use the linear path.
+    model; ``steps = None`` is t → ∞, where f_test = g0(x_test) + Θ̂_test,train K⁻¹ (y −
+    g0(x_train)) (kernel ridge regression on the residual). Cross-entropy has no closed
+    form, by design: use the linear path.
 
     Args:
-      apply_fn: ``(params, x) -> (n, k)`` outputs.
+      apply_fn: ``(params, x) -> (n, k)`` outputs f.
       params0: θ0, the point of linearization and the start of training.
       x_train: training inputs, shape ``(n_train, ...)``.
       y_train: targets, shape ``(n_train, k)``.
       x_test: test inputs, shape ``(n_test, ...)``.
-      learning_rate: η.
-      steps: 1-D array of (possibly fractional) step counts.
+      learning_rate: η (the model's output scale α trains at η/α²; see the module docstring).
+      steps: 1-D array of (possibly fractional) step counts, or None for t → ∞.
+      diag_reg: λ, the ridge relative to the mean diagonal of Θ̂ (0: plain gradient flow).
+      output_scale: α.
+      center: whether the trained function is α·(f(θ) − f(θ0)) (so g0 = 0).
       max_bytes, cache: see :func:`empirical_ntk`.
 
     Returns:
-      ``(f_train, f_test)`` of shapes ``(len(steps), n_train, k)`` and
-      ``(len(steps), n_test, k)``.
+      ``(f_train, f_test)`` of shapes ``(r, n_train, k)`` and ``(r, n_test, k)``, r =
+      ``len(steps)``, or 1 for ``steps = None``.
     """
     ntk = functools.partial(empirical_ntk, apply_fn, params0, trace=False, max_bytes=max_bytes,
                             cache=cache)
-    predict_fn = nt.predict.gradient_descent_mse(ntk(x_train), y_train,
-                                                 learning_rate=learning_rate, trace_axes=())
+    k_train = ntk(x_train)
+    predict_fn = nt.predict.gradient_descent_mse(k_train, y_train, learning_rate=learning_rate,
+                                                 diag_reg=diag_reg, trace_axes=())
     apply = _compiled(cache, ("apply",), lambda: jax.jit(apply_fn))
-    return predict_fn(jnp.asarray(steps), apply(params0, x_train), apply(params0, x_test),
-                      ntk(x_test, x_train))
+    trained = regimes.scaled_function(lambda p, p0, x: apply(p, x), output_scale, center)
+    g0_train, g0_test = (trained(params0, params0, x) for x in (x_train, x_test))
+    t = _times(steps)
+    f_train, f_test = predict_fn(t, g0_train, g0_test, ntk(x_test, x_train))
+    if diag_reg:  # the trained model's outputs, not the regularized ODE's (which fit y)
+        _, f_train = predict_fn(t, g0_train, g0_train, k_train)
+    return _with_time_axis(f_train, steps), _with_time_axis(f_test, steps)
 
 
 def infinite_width_predictions(
     kernel_fn: Callable, x_train: jax.Array, y_train: jax.Array, x_test: jax.Array,
-    learning_rate: float, steps: jax.Array, get: Sequence[str] = ("ntk", "nngp"),
-    diag_reg: float = 0.0,
+    learning_rate: float, steps: jax.Array | None, get: Sequence[str] = ("ntk", "nngp"),
+    diag_reg: float = 0.0, output_scale: float = 1.0, center: bool = False,
 ) -> dict[str, tuple[jax.Array, jax.Array, jax.Array]]:
     """The infinite ensemble of infinite-width networks trained by gradient flow on MSE.
 
     The outputs at time t are Gaussian over initializations (Lee et al. 2019, eq. 12–16);
     ``nt.predict.gradient_descent_mse_ensemble`` gives their mean and covariance, with the
     same time convention as :func:`empirical_ntk_predictions` (t = steps, η =
-    ``learning_rate``, loss ½·mean over all n·k entries).
+    ``learning_rate``, loss ½·mean over all n·k entries; ``steps = None`` is t → ∞).
 
     * ``"ntk"``: networks trained with the analytic NTK Θ (the infinite-width limit of the
       exact and linear paths): mean Θ_*Θ⁻¹(I − e^{−ηtΘ/(n·k)}) y.
     * ``"nngp"``: gradient flow with the NNGP kernel K in place of Θ (only the readout
       trained); at t → ∞ the exact Bayesian GP posterior mean K_*K⁻¹ y and variance.
 
-    Cross-entropy has no closed form, by design: use the linear path.
+    With ``diag_reg`` = λ and λ' = λ·mean(diag) of the train kernel, the means use Θ + λ'I
+    (or K + λ'I) in place of the train kernel; the ``"nngp"`` variance is then the GP
+    posterior variance with observation noise λ', K_** − K_*(K + λ'I)⁻¹K_*ᵀ at t → ∞, and the
+    ``"ntk"`` variance is that of the regularized flow over random initial functions
+    (neural-tangents' formulas; checked by hand in ``tests/test_kernels.py``).
+
+    With output scale α the variance is α² times that of α = 1, and 0 when centred: it comes
+    from the random initial function alone, and the mean does not depend on α (module
+    docstring). Cross-entropy has no closed form, by design: use the linear path.
 
     Args:
       kernel_fn: the analytic ``kernel_fn(x1, x2, get)``.
@@ -313,25 +359,32 @@ def infinite_width_predictions(
       y_train: targets, shape ``(n_train, k)``.
       x_test: test inputs, shape ``(n_test, ...)``.
       learning_rate: η.
-      steps: 1-D array of (possibly fractional) step counts.
+      steps: 1-D array of (possibly fractional) step counts, or None for t → ∞.
       get: the regimes to compute, a subset of ``("ntk", "nngp")``.
       diag_reg: ridge added to the train-train kernel, relative to its mean diagonal
         (neural-tangents' convention); 0 for plain gradient flow.
+      output_scale: α.
+      center: whether the trained function is α·(f(θ) − f(θ0)).
 
     Returns:
       ``{regime: (mean_train, mean_test, var_test)}``: ensemble means of shapes
-      ``(len(steps), n_train, k)`` and ``(len(steps), n_test, k)`` (0 at step 0), and the
-      per-point test variance (the same for every output) of shape ``(len(steps), n_test)``.
-      ``mean_train`` is evaluated as a test set at ``x_train``, so it includes ``diag_reg``.
+      ``(r, n_train, k)`` and ``(r, n_test, k)`` (0 at step 0), and the per-point test
+      variance (the same for every output) of shape ``(r, n_test)``; r = ``len(steps)``, or 1
+      for ``steps = None``. ``mean_train`` is evaluated as a test set at ``x_train``, so it
+      includes ``diag_reg``.
     """
     get = tuple(get)
     predict_fn = nt.predict.gradient_descent_mse_ensemble(
         kernel_fn, x_train, y_train, learning_rate=learning_rate, diag_reg=diag_reg)
-    t = jnp.asarray(steps)
+    t = _times(steps)
     train = predict_fn(t, x_train, get)
-    test = predict_fn(t, x_test, get, compute_cov=True)
+    # At t = None neural-tangents 0.6.5 computes only the train-train kernels named in
+    # ``get``, but the NTK covariance needs the NNGP one as well: ask for both.
+    test = predict_fn(t, x_test, tuple(dict.fromkeys(("nngp", *get))), compute_cov=True)
+    variance_scale = 0.0 if center else output_scale**2
     return {
-        g: (getattr(train, g), getattr(test, g).mean,
-            jnp.diagonal(getattr(test, g).covariance, axis1=-2, axis2=-1))
+        g: tuple(_with_time_axis(a, steps) for a in (
+            getattr(train, g), getattr(test, g).mean,
+            variance_scale * jnp.diagonal(getattr(test, g).covariance, axis1=-2, axis2=-1)))
         for g in get
     }

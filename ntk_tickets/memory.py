@@ -56,6 +56,7 @@ def cell_bytes(cfg: StudyConfig, data: Dataset, width: int, n_seeds: int,
     import jax
 
     from ntk_tickets.architectures import ARCHITECTURES
+    from ntk_tickets.experiments import has_closed_forms
     from ntk_tickets.models import build_model, parameter_count
     from ntk_tickets.optimizers import make_optimizer
 
@@ -70,7 +71,8 @@ def cell_bytes(cfg: StudyConfig, data: Dataset, width: int, n_seeds: int,
     units = width * cfg.model.depth * (math.prod(data.input_shape[:-1]) if convolutional else 1)
     n_train, n_points = data.x_train.shape[0], data.x_train.shape[0] + data.x_test.shape[0]
     recorded = cfg.train.log_points + 2
-    closed = [p for p in ("entk", "ntk", "nngp") if p in cfg.paths and cfg.train.loss == "mse"]
+    closed = ([p for p in ("entk", "ntk", "nngp") if p in cfg.paths]
+              if has_closed_forms(cfg) else [])
     # entk: the full (n·k) × ((n + m)·k) empirical NTK; ntk/nngp: traced n × (n + m) kernels
     outputs = data.n_out**2 if "entk" in closed else 1
     kernel = 3 * n_train * n_points * outputs if closed else 0
@@ -117,7 +119,7 @@ def check_memory(cfg: StudyConfig, data: Dataset, cells: Sequence[Any], x64: boo
     Args:
       cfg: the study config.
       data: its dataset.
-      cells: the cells to compute (with ``width`` and ``seeds``).
+      cells: the cells to compute (:class:`ntk_tickets.study.Cell`).
       x64: whether the cells compute in float64.
       available: bytes available; None: :func:`device_memory`.
 
@@ -133,7 +135,7 @@ def check_memory(cfg: StudyConfig, data: Dataset, cells: Sequence[Any], x64: boo
     if available is None:
         return
     itemsize = 8 if x64 else 4
-    sizes = {cell: cell_bytes(cfg, data, cell.width, len(cell.seeds), itemsize)
+    sizes = {cell: cell_bytes(cell.config(cfg), data, cell.width, len(cell.seeds), itemsize)
              for cell in cells}
     cell, parts = max(sizes.items(), key=lambda item: sum(item[1].values()))
     total = sum(parts.values())

@@ -9,8 +9,18 @@ whether the training scan must record the probe NTK), ``summarize`` and the widt
 Most metrics are computed on the host from the recorded outputs of one path, a
 :class:`PathOutputs`: ``compute(outputs)`` returns ``{(split, name): values}`` with values of
 shape (seeds, recorded steps). A few are measured elsewhere and have no ``compute``:
-``ntk_init_error`` and ``variance`` by the cell (:mod:`ntk_tickets.experiments`),
-``mask_overlap`` by the ticket search (:mod:`ntk_tickets.tickets`).
+``ntk_init_error`` and ``params_per_target`` by the cell (:mod:`ntk_tickets.experiments`),
+``mask_overlap`` by the
+ticket search (:mod:`ntk_tickets.tickets`).
+
+Comparing one network with an infinite ensemble (SCIENCE.md): the ntk and nngp paths give
+the *mean* over initializations and a variance, so a finite network's loss is compared with
+their ``expected_loss`` (loss of the mean + variance term), and their ``loss`` with the loss
+of the finite networks' average over seeds, ``ensemble_loss``. A metric with
+``per_seed=False`` (``ensemble_loss``, ``ensemble_accuracy``) is computed once per cell
+from the outputs averaged over the cell's seeds, values of shape (1, recorded steps), and
+recorded with ``seed =`` :data:`ENSEMBLE_SEED` (−1): the ensemble is over the seeds of one
+cell, so cells with other seeds give other ensembles.
 
 Adding a metric is one entry. For example, the largest absolute test output::
 
@@ -35,7 +45,11 @@ from ntk_tickets.registry import Registry
 Values = Mapping[tuple[str, str], np.ndarray]
 
 #: What a metric may need beyond a path's outputs (:attr:`Metric.needs`).
-NEEDS = ("trajectory", "exact_outputs", "probe_kernel", "classes")
+NEEDS = ("trajectory", "exact_outputs", "probe_kernel", "classes", "features",
+         "ensemble_variance", "finite_networks")
+
+#: The ``seed`` of the records of metrics over the ensemble of a cell's seeds.
+ENSEMBLE_SEED = -1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,6 +69,13 @@ class PathOutputs:
       sq_norm0: (s, layers) ‖θ_0‖² per layer, or None.
       layer_names: the names of the parameterized layers.
       probe_kernel: (s, r, m, m) the empirical NTK on the probe inputs, or None.
+      feature_sq_change: (s, r) ‖h_t − h_0‖² of the last hidden features on the test
+        inputs, or None.
+      feature_sq_norm0: (s,) ‖h_0‖² on the test inputs, or None.
+      test_variance: (s, r, n_test) the predictive variance per test point of an
+        infinite-width ensemble (ntk, nngp; the same for every output, scaled by α² and 0
+        when centred, :func:`ntk_tickets.kernels.infinite_width_predictions`); None for
+        finite networks, one per seed (exact, linear, entk).
     """
 
     path: str
@@ -69,13 +90,19 @@ class PathOutputs:
     sq_norm0: np.ndarray | None = None
     layer_names: Sequence[str] = ()
     probe_kernel: np.ndarray | None = None
+    feature_sq_change: np.ndarray | None = None
+    feature_sq_norm0: np.ndarray | None = None
+    test_variance: np.ndarray | None = None
 
     def provides(self, needs: Sequence[str]) -> bool:
         """Whether these outputs hold everything in ``needs`` (names of :data:`NEEDS`)."""
         held = {"trajectory": self.sq_change is not None,
                 "exact_outputs": self.f_test_exact is not None and self.path != "exact",
                 "probe_kernel": self.probe_kernel is not None,
-                "classes": self.n_classes > 0}
+                "classes": self.n_classes > 0,
+                "features": self.feature_sq_change is not None,
+                "ensemble_variance": self.test_variance is not None,
+                "finite_networks": self.test_variance is None}
         return all(held[n] for n in needs)
 
 
@@ -85,13 +112,17 @@ class Metric:
 
     Attributes:
       label: the axis label of its figures.
-      compute: ``PathOutputs -> {(split, name): (s, r) values}``; None when measured
-        outside the per-path records (see the module docstring).
+      compute: ``PathOutputs -> {(split, name): values}``, values (s, r), or (1, r) when
+        not ``per_seed``; None when measured outside the per-path records (see the module
+        docstring).
       needs: what ``compute`` uses beyond the outputs (names of :data:`NEEDS`); a path
         that lacks one records no value.
       scales_with_width: whether ``summarize`` fits its power law in width and
         ``ntk-tickets plot`` draws it against width.
       doc: one line: what it measures, with the reference.
+      per_seed: True: values (s, r), one per seed; False: values (1, r) over the ensemble
+        of the cell's seeds, recorded with ``seed =`` :data:`ENSEMBLE_SEED` and NaN from
+        the first step at which any seed diverged.
     """
 
     label: str
@@ -99,6 +130,7 @@ class Metric:
     needs: tuple[str, ...] = ()
     scales_with_width: bool = False
     doc: str = ""
+    per_seed: bool = True
 
     def __post_init__(self):
         unknown = sorted(set(self.needs) - set(NEEDS))
@@ -113,6 +145,19 @@ METRICS: Registry = Registry("metrics")
 def _split_values(o: PathOutputs, fn: Callable[[np.ndarray, np.ndarray], np.ndarray],
                   name: str) -> Values:
     return {("train", name): fn(o.f_train, o.y_train), ("test", name): fn(o.f_test, o.y_test)}
+
+
+def _seed_average(o: PathOutputs) -> PathOutputs:
+    """``o`` with outputs (1, r, n, k): the average of the networks over the seeds (axis s)."""
+    with np.errstate(over="ignore", invalid="ignore"):  # diverged seeds give inf/NaN
+        return dataclasses.replace(o, f_train=o.f_train.mean(axis=0, keepdims=True),
+                                   f_test=o.f_test.mean(axis=0, keepdims=True))
+
+
+def _expected_loss(o: PathOutputs) -> Values:
+    """E over initializations of ½·mean((f − y)²) = loss of the mean + ½·mean variance."""
+    return {("test", "expected_loss"): o.loss_fn(o.f_test, o.y_test)
+            + 0.5 * o.test_variance.mean(axis=-1)}
 
 
 def _accuracy(f: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -162,13 +207,42 @@ METRICS.register("ntk_change", Metric(
     r"NTK change $\|\Theta_t - \Theta_0\|_F / \|\Theta_0\|_F$", _ntk_change,
     needs=("probe_kernel",), scales_with_width=True,
     doc="relative change of the empirical NTK on the probe set (exact path)"))
+METRICS.register("feature_change", Metric(
+    r"feature change $\|h_t - h_0\| / \|h_0\|$",
+    lambda o: {("test", "feature_change"): np.sqrt(o.feature_sq_change
+                                                   / o.feature_sq_norm0[:, None])},
+    needs=("features",), scales_with_width=True,
+    doc="relative change of the last hidden layer's features on the test inputs (exact, "
+        "linear); n^-1/2 lazy, n^0 under µP (Yang & Hu 2021)"))
 METRICS.register("ntk_init_error", Metric(
     r"NTK at init vs analytic $\|\hat\Theta_0 - \Theta\|_F / \|\Theta\|_F$",
     scales_with_width=True,
     doc="empirical NTK at θ0 against the analytic one on the probe set (step 0)"))
 METRICS.register("variance", Metric(
     "predictive variance (mean over test points)",
+    lambda o: {("test", "variance"): o.test_variance.mean(axis=-1)},
+    needs=("ensemble_variance",),
     doc="the infinite-width ensemble's predictive variance (ntk, nngp)"))
+METRICS.register("expected_loss", Metric(
+    "expected test loss over initializations", _expected_loss, needs=("ensemble_variance",),
+    doc="mean test loss of one network over initializations (ntk, nngp; mse): loss of the "
+        "ensemble mean + ½·mean predictive variance (Lee et al. 2019, eq. 12–16)"))
+METRICS.register("ensemble_loss", Metric(
+    "loss of the seed-averaged prediction",
+    lambda o: _split_values(_seed_average(o), o.loss_fn, "ensemble_loss"),
+    needs=("finite_networks",), per_seed=False,
+    doc="loss of the outputs averaged over the cell's seeds (seed -1; exact, linear, entk); "
+        "compare with the ntk path's loss (d'Ascoli et al. 2020)"))
+METRICS.register("ensemble_accuracy", Metric(
+    "accuracy of the seed-averaged prediction",
+    lambda o: _split_values(_seed_average(o), _accuracy, "ensemble_accuracy"),
+    needs=("finite_networks", "classes"), per_seed=False,
+    doc="accuracy of the outputs averaged over the cell's seeds (seed -1; exact, linear, "
+        "entk)"))
+METRICS.register("params_per_target", Metric(
+    "parameters per training target P / (n·k)",
+    doc="the network's parameter count over the number of training targets (exact path, "
+        "step 0): the linearized model can interpolate from 1 on (double descent)"))
 METRICS.register("mask_overlap", Metric(
     "Jaccard overlap of kept weights",
     doc="Jaccard overlap of the linear-search and exact-search masks (ticket studies)"))
@@ -207,16 +281,27 @@ def diverged_after(train_loss: np.ndarray) -> np.ndarray:
 
 def path_values(outputs: PathOutputs, names: Sequence[str]) -> dict[tuple[str, str],
                                                                     np.ndarray]:
-    """The values of the metrics ``names`` that ``outputs`` supports, (s, r) each.
+    """The values of the metrics ``names`` that ``outputs`` supports: (s, r) each, or
+    (1, r) for a metric over the ensemble of seeds (``per_seed=False``; its rows carry
+    :func:`record_seeds`).
 
     Every value at and after the first recorded step at which the path diverged (its
     training loss not finite, or above :data:`DIVERGENCE_FACTOR` × (initial + 1)) is NaN: a
-    diverged network has no accuracy, so no table or figure can show a number for it.
+    diverged network has no accuracy, so no table or figure can show a number for it. An
+    ensemble's value is NaN from the first step at which any of its seeds diverged.
     """
+    bad = diverged_after(outputs.loss_fn(outputs.f_train, outputs.y_train))  # (s, r)
     values: dict[tuple[str, str], np.ndarray] = {}
     for name in names:
         metric = METRICS[name]
         if metric.compute is not None and outputs.provides(metric.needs):
-            values.update(metric.compute(outputs))
-    bad = diverged_after(outputs.loss_fn(outputs.f_train, outputs.y_train))
-    return {key: np.where(bad, np.nan, np.asarray(v, dtype=float)) for key, v in values.items()}
+            after = bad if metric.per_seed else bad.any(axis=0, keepdims=True)
+            values.update({key: np.where(after, np.nan, np.asarray(v, dtype=float))
+                           for key, v in metric.compute(outputs).items()})
+    return values
+
+
+def record_seeds(name: str, seeds: Sequence[int]) -> Sequence[int]:
+    """The seeds that the rows of metric ``name`` (or ``<name>/<part>``) carry: ``seeds``,
+    or ``(ENSEMBLE_SEED,)`` for a metric over their ensemble."""
+    return seeds if METRICS[name.split("/")[0]].per_seed else (ENSEMBLE_SEED,)

@@ -27,8 +27,9 @@ import jax
 
 from ntk_tickets._nt import stax
 from ntk_tickets.architectures import ARCHITECTURES, dense
-from ntk_tickets.config import ModelConfig
+from ntk_tickets.config import FACTOR_FIELDS, ModelConfig, factor_values
 from ntk_tickets.errors import UserInputError
+from ntk_tickets.regimes import readout_w_std
 
 PyTree = Any
 
@@ -43,6 +44,9 @@ class Model:
       apply_fn: ``(params, x) -> f(x)``, ``x`` of shape ``(n, *input_shape)``, output
         ``(n, n_out)``.
       kernel_fn: ``(x1, x2, get) -> kernel``; the analytic infinite-width NNGP / NTK.
+      feature_fn: ``(params, x) -> h``, the last hidden layer's features (everything before
+        the readout), shape ``(n, d)`` (``(n, width)`` for MLPs); ``params`` are the whole
+        network's.
       layer_names: names of the parameterized top-level layers, aligned with
         :func:`layer_params`.
       width: hidden units (MLPs) or channels (CNNs).
@@ -56,6 +60,7 @@ class Model:
     init_fn: Callable
     apply_fn: Callable
     kernel_fn: Callable
+    feature_fn: Callable
     layer_names: tuple[str, ...]
     width: int
     input_shape: tuple[int, ...]
@@ -102,11 +107,24 @@ def _check_input_shape(arch: str, input_shape: Sequence[int]) -> None:
         )
 
 
+def _check_one_cell(cfg: ModelConfig) -> None:
+    for field in FACTOR_FIELDS:
+        section, key = field.split(".")
+        if section == "model" and len(factor_values(getattr(cfg, key))) > 1:
+            raise ValueError(f"{field} lists {getattr(cfg, key)}: a model has one value; "
+                             "config.cell_factors and config.with_factors split a study")
+
+
 def build_model(cfg: ModelConfig, width: int, input_shape: Sequence[int], n_out: int) -> Model:
     """Builds ``cfg.arch`` at one width for inputs of ``input_shape`` and ``n_out`` outputs.
 
+    Under ``parameterization = "mup"`` the layers are built in the ntk form and the readout's
+    ``W_std`` is scaled by √(base_width / width) (:mod:`ntk_tickets.regimes`); the analytic
+    ``kernel_fn`` is then that of this finite-width scaling, not a µP limit.
+
     Args:
-      cfg: the model section of the study config (``width`` replaces ``cfg.widths``).
+      cfg: the model section of the study config (``width`` replaces ``cfg.widths``), with
+        one parameterization and one output scale.
       width: hidden units (MLPs) or channels (CNNs).
       input_shape: one input's shape, without the batch axis.
       n_out: output dimension (classes, or regression targets).
@@ -116,17 +134,21 @@ def build_model(cfg: ModelConfig, width: int, input_shape: Sequence[int], n_out:
 
     Raises:
       UserInputError: if the architecture does not fit the input shape.
+      ValueError: if ``cfg`` lists several parameterizations or output scales.
     """
+    _check_one_cell(cfg)
     _check_input_shape(cfg.arch, input_shape)
     with _quiet():
         layers, names = ARCHITECTURES[cfg.arch].hidden(cfg, width, stax)
-        layers.append(dense(cfg, n_out, stax))
+        _, hidden_fn, _ = stax.serial(*layers)
+        layers.append(dense(cfg, n_out, stax, w_std=readout_w_std(cfg, width)))
         init_fn, apply_fn, kernel_fn = stax.serial(*layers)
     names.append("readout")
     return Model(
         init_fn=init_fn,
         apply_fn=apply_fn,
         kernel_fn=_quietly(kernel_fn),
+        feature_fn=lambda params, x: hidden_fn(params[:-1], x),
         layer_names=tuple(n for n in names if n is not None),
         width=width,
         input_shape=tuple(input_shape),

@@ -43,18 +43,21 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import NullLocator
 
+from ntk_tickets.config import factor_tag
 from ntk_tickets.errors import UserInputError
 from ntk_tickets.metrics import metric_label, scaling_metrics
 from ntk_tickets.scaling import scaling_table
 from ntk_tickets.select import (
     CONTROL_MASKS,
     PATH_ORDER,
+    factor_groups,
     final_step,
     ordered,
     perturbation_runs,
     score_metric,
     seed_stats,
     training_runs,
+    varying_factors,
 )
 
 if TYPE_CHECKING:
@@ -453,6 +456,9 @@ def study_figures(records: pd.DataFrame, *,
     two or more widths, ``ticket_accuracy`` (exact path) and ``ticket_accuracy_<path>``
     (other paths), ``mask_overlap`` and ``perturbation``.
 
+    A study that varies a factor (parameterization, output scale) gets these figures once
+    per combination of factor values, named with a suffix such as ``_mup_os1``.
+
     Args:
       records: tidy records of a study.
       summary: the scaling table for the width figures; None: computed once here.
@@ -460,7 +466,52 @@ def study_figures(records: pd.DataFrame, *,
     Returns:
       A dict from figure name to figure, empty for records with nothing to plot.
     """
+    groups = factor_groups(records)
+    if len(groups) == 1:
+        return _group_figures(records, summary)
+    figures = _regime_figures(records)
+    for _, group in groups:
+        (factors,) = group[varying_factors(records)].drop_duplicates().to_dict("records")
+        suffix = "_".join(factor_tag(c, v) for c, v in factors.items())
+        figures.update({f"{name}_{suffix}": fig
+                        for name, fig in _group_figures(group, None).items()})
+    return figures
+
+
+
+#: The metrics that the factor comparisons draw against width and against α.
+REGIME_METRICS = ("feature_change", "function_gap", "weight_change")
+
+
+def _regime_figures(records: pd.DataFrame) -> dict[str, Figure]:
+    """The comparisons across factor values (:mod:`ntk_tickets.regime_figures`):
+    ``<metric>_by_<factor>`` against width, ``<metric>_vs_output_scale`` against α."""
+    from ntk_tickets import regime_figures
+
     figures: dict[str, Figure] = {}
+    dense = records[(records["mask"] == "dense") & (records["seed"] >= 0)]
+    held = [m for m in REGIME_METRICS if (dense["metric"] == m).any()]
+    for factor in varying_factors(records):
+        if dense["width"].nunique() >= 2:
+            for metric in held:
+                figures[f"{metric}_by_{factor}"] = regime_figures.factor_vs_width(
+                    records, metric, factor)
+        if factor == "output_scale":
+            for metric in (*held, score_metric(dense)):
+                figures[f"{metric}_vs_output_scale"] = regime_figures.output_scale_curves(
+                    records, metric)
+    return figures
+
+
+def _group_figures(records: pd.DataFrame, summary: pd.DataFrame | None) -> dict[str, Figure]:
+    """The standard figures of records with one value of each factor."""
+    from ntk_tickets import regime_figures
+
+    figures: dict[str, Figure] = {}
+    if (records["metric"] == "expected_loss").any():
+        figures["infinite_width"] = regime_figures.infinite_width_comparison(records)
+    if (records["metric"] == "params_per_target").any():
+        figures["double_descent"] = regime_figures.double_descent(records)
     dense = records[(records["mask"] == "dense") & (records["split"] == "test")]
     for metric in ("loss", "accuracy"):
         if (dense["metric"] == metric).any():

@@ -69,6 +69,7 @@ from typing import IO, TYPE_CHECKING, Any
 
 import numpy as np
 
+from ntk_tickets.config import FACTOR_COLUMNS, factor_defaults
 from ntk_tickets.errors import UserInputError
 
 if TYPE_CHECKING:
@@ -76,19 +77,19 @@ if TYPE_CHECKING:
 
 RECORD_COLUMNS: tuple[str, ...] = (
     "width", "seed", "path", "mask", "sparsity", "round", "step", "split", "metric", "value",
-    "eps", "experiment",
+    "eps", "experiment", "parameterization", "output_scale",
 )
 # Column kinds: "int" → int64, "float" → float64, "str" → pandas' string dtype.
 _KINDS = {
     "width": "int", "seed": "int", "path": "str", "mask": "str", "sparsity": "float",
     "round": "int", "step": "int", "split": "str", "metric": "str", "value": "float",
-    "eps": "float", "experiment": "str",
+    "eps": "float", "experiment": "str", "parameterization": "str", "output_scale": "float",
 }
 _DTYPES = {"int": "int64", "float": "float64", "str": str}
 REQUIRED_COLUMNS: tuple[str, ...] = ("width", "seed", "path", "step", "metric", "value")
 RECORD_DEFAULTS: Mapping[str, Any] = {
     "mask": "dense", "sparsity": 0.0, "round": 0, "split": "none", "eps": math.nan,
-    "experiment": "train",
+    "experiment": "train", "parameterization": "ntk", "output_scale": 1.0,
 }
 
 STATUSES = ("done", "diverged", "failed")
@@ -102,8 +103,11 @@ LOCK = ".lock"
 #: What ``ntk-tickets plot`` and ``summarize`` write next to a study (never deleted).
 DERIVED = ("figures", "summary.csv")
 #: The results format; 2 added the ``experiment`` column, study identities, per-cell
-#: environments and saved masks (README, "Results format").
-FORMAT_VERSION = 2
+#: environments and saved masks; 3 the factor columns ``parameterization`` and
+#: ``output_scale`` (README, "Results format"). Format 2 folders are read and grown.
+FORMAT_VERSION = 3
+#: Older formats that are upgraded on reading (:func:`_upgrade_manifest`).
+READABLE_FORMATS = (2, FORMAT_VERSION)
 _TMP_SUFFIX = ".tmp"
 _TMP_NAME = re.compile(r"\.(.+)\.[0-9a-f]{8}\.tmp")
 _CELL_ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.,=+@-]{0,199}")
@@ -324,6 +328,17 @@ def _parquet_rows(path: Path) -> int:
     return pq.read_metadata(path).num_rows
 
 
+def _has_factor_columns(path: Path) -> bool:
+    """Whether a records file has the factor columns (format 3), from its footer."""
+    import pyarrow.parquet as pq
+
+    try:
+        names = set(pq.read_schema(path).names)
+    except _read_errors():
+        return False
+    return set(FACTOR_COLUMNS) <= names
+
+
 def _read_errors() -> tuple[type[BaseException], ...]:
     """What reading a bad parquet file raises."""
     import pyarrow
@@ -373,7 +388,43 @@ def _read_manifest_file(file: Path) -> dict[str, Any]:
     if problem:
         raise UserInputError(f"{str(file)!r} is corrupted or not an ntk-tickets manifest "
                              f"({problem})")
-    return manifest
+    return _upgrade_manifest(manifest)
+
+
+def format_factors(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The factor values of a study written before factors were cell fields (format 2): its
+    config's single values, or the defaults of keys it predates."""
+    from ntk_tickets.config import FACTOR_FIELDS
+
+    out = {}
+    for field, (column, default) in zip(FACTOR_FIELDS, factor_defaults().items(),
+                                        strict=True):
+        section, key = field.split(".")
+        value = config.get(section, {}).get(key, default)
+        out[column] = float(value) if isinstance(default, float) else value
+    return out
+
+
+def _upgrade_manifest(manifest: dict[str, Any]) -> dict[str, Any]:
+    """A format-2 manifest in the current format: every cell entry gets the factor values
+    its cell ran under (the config's, :func:`format_factors`). Its records files are upgraded
+    as they are read (:func:`_with_factors`), and ``records.parquet`` is rewritten when a
+    store opens the folder; ``upgraded_from`` keeps the old format."""
+    if manifest["format_version"] == FORMAT_VERSION:
+        return manifest
+    factors = format_factors(manifest["config"])
+    for entry in manifest["cells"].values():
+        for column, value in factors.items():
+            entry.setdefault(column, value)
+    return {**manifest, "format_version": FORMAT_VERSION,
+            "upgraded_from": manifest["format_version"]}
+
+
+def _with_factors(frame: pd.DataFrame, factors: Mapping[str, Any]) -> pd.DataFrame:
+    """``frame`` with the factor columns it lacks (a format-2 records file) set to
+    ``factors``."""
+    missing = {c: v for c, v in factors.items() if c not in frame.columns}
+    return frame.assign(**missing) if missing else frame
 
 
 def _manifest_problem(manifest: Any) -> str | None:
@@ -381,9 +432,10 @@ def _manifest_problem(manifest: Any) -> str | None:
     if not isinstance(manifest, dict):
         return f"a JSON {type(manifest).__name__}, not an object"
     version = manifest.get("format_version")
-    if version != FORMAT_VERSION:
-        return (f"results format {version!r}, this ntk-tickets reads format {FORMAT_VERSION}; "
-                "see the README's results format section")
+    if version not in READABLE_FORMATS:
+        return (f"results format {version!r}, this ntk-tickets reads formats "
+                f"{', '.join(map(str, READABLE_FORMATS))}; see the README's results format "
+                "section")
     expected = {"config": dict, "identity": dict, "identity_hash": str, "x64": bool,
                 "cells": dict}
     for key, kind in expected.items():
@@ -427,7 +479,10 @@ def load_records(path: str | os.PathLike) -> pd.DataFrame:
                else _run_hint(folder))
         raise UserInputError(f"{str(file)!r} does not exist: {why}")
     try:
-        return _conform(pd.read_parquet(file), allow_extra=True)
+        frame = pd.read_parquet(file)
+        if not set(FACTOR_COLUMNS) <= set(frame.columns):
+            frame = _with_factors(frame, format_factors(load_manifest(folder)["config"]))
+        return _conform(frame, allow_extra=True)
     except _read_errors() as e:
         raise UserInputError(
             f"{str(file)!r} is corrupted or not an ntk-tickets records file ({e}); rerun "
@@ -719,7 +774,8 @@ class ResultsStore:
                     owned.unlink(missing_ok=True)
                 del cells[cid]
         rows = [self._cell_rows(self._owned_files(c)[0]) for c in sorted(self.done_cells())]
-        if self._records_rows() != (sum(rows) if rows else None):
+        if (self._records_rows() != (sum(rows) if rows else None)
+                or (rows and not _has_factor_columns(self.path / RECORDS))):
             self._write_records()
 
     def _cell_rows(self, file: Path) -> int:
@@ -741,6 +797,13 @@ class ResultsStore:
         self._manifest["updated"] = _now()
         _atomic_write_bytes(self.path / MANIFEST, _json_bytes(self._manifest))
 
+    def save_manifest(self) -> None:
+        """Writes the manifest as it stands, e.g. after an interrupt that stopped
+        :meth:`write_cell` between its files: the next open reconciles the rest (a stale
+        ``records.parquet`` is rebuilt, a claimed cell without its file is dropped)."""
+        if self._lock is not None:
+            self._write_manifest()
+
     def _write_records(self) -> None:
         """Rewrites records.parquet from the finished cells (removes it when there are none)."""
         import pandas as pd
@@ -752,8 +815,10 @@ class ResultsStore:
         for cid in ids:
             if cid not in self._frames:
                 file = self._owned_files(cid)[0]
+                entry = self._manifest["cells"][cid]
+                factors = {c: entry.get(c, v) for c, v in factor_defaults().items()}
                 try:
-                    self._frames[cid] = _conform(pd.read_parquet(file))
+                    self._frames[cid] = _conform(_with_factors(pd.read_parquet(file), factors))
                 except _read_errors() as e:
                     raise UserInputError(f"cell file {str(file)!r} is corrupted ({e}): delete "
                                          "it and run again to recompute that cell") from e
@@ -925,7 +990,7 @@ def mask_arrays(masks: Mapping[tuple[str, int], Any], seeds: Sequence[int]) -> d
 
 
 def load_masks(path: str | os.PathLike, width: int, family: str, round_: int,
-               seed: int) -> Any:
+               seed: int, **factors: Any) -> Any:
     """A ticket mask of a results folder, as the PyTree of 0/1 arrays it was trained with.
 
     Args:
@@ -935,6 +1000,8 @@ def load_masks(path: str | os.PathLike, width: int, family: str, round_: int,
         ``mask`` column of the records).
       round_: the pruning round (1 … ``tickets.rounds``).
       seed: the seed.
+      **factors: factor values (``parameterization="mup"``, ``output_scale=10.0``) that pick
+        the cell when the study varies them.
 
     Returns:
       A PyTree shaped like the network's parameters (``build_model(...).init``), with
@@ -948,11 +1015,18 @@ def load_masks(path: str | os.PathLike, width: int, family: str, round_: int,
     manifest = load_manifest(folder)
     cells = [cid for cid, e in manifest["cells"].items()
              if e["status"] in FINISHED and e.get("width") == width
-             and seed in e.get("seeds", ())]
+             and seed in e.get("seeds", ()) and all(e.get(c) == v for c, v in factors.items())]
     if not cells:
         widths = sorted({e.get("width") for e in manifest["cells"].values()})
         raise UserInputError(f"{str(folder)!r} has no finished cell of width {width} with "
-                             f"seed {seed} (widths: {widths})")
+                             f"seed {seed}{''.join(f', {c} {v!r}' for c, v in factors.items())}"
+                             f" (widths: {widths})")
+    if len(cells) > 1:
+        choices = sorted({tuple((c, manifest["cells"][cid][c]) for c in FACTOR_COLUMNS)
+                          for cid in cells})
+        raise UserInputError(f"{str(folder)!r} holds width {width}, seed {seed} under several "
+                             f"factor values {choices}: pass them, e.g. "
+                             f"load_masks(..., {', '.join(f'{c}={v!r}' for c, v in choices[0])})")
     file = folder / ARRAYS / f"{cells[0]}.npz"
     if not file.exists():
         raise UserInputError(f"{str(folder)!r} keeps no masks for width {width}: it is not "

@@ -7,7 +7,8 @@ and readout layers, while a hidden n × n layer, whose ‖W0‖_F grows like n, 
 module fits ``log value = intercept + slope · log width`` to the final step of each width and
 puts a confidence interval on the slope from the spread between seeds.
 
-For one group of records (one metric, path, mask, round and split), let ``L[w, s]`` be the log
+For one group of records (one metric, path, mask, round, split and value of each factor
+such as the parameterization), let ``L[w, s]`` be the log
 of the value at the final step of width ``w`` and seed ``s``. Only seeds with a value at every
 width are used (a seed that diverged, or whose value is not positive, at some width is left
 out), so every width averages the same seeds. The fitted curve goes through the per-width
@@ -32,12 +33,12 @@ from collections.abc import Sequence
 import numpy as np
 
 from ntk_tickets.metrics import scaling_metrics
-from ntk_tickets.select import final_step, training_runs
+from ntk_tickets.select import FACTOR_COLUMNS, final_step, training_runs, varying_factors
 
 #: How :func:`fit_power_law` can put an interval on the slope.
 CI_METHODS = ("t", "bootstrap")
 #: The key columns of :func:`scaling_table`, one row per combination.
-GROUP_COLUMNS = ("metric", "path", "mask", "round", "split")
+GROUP_COLUMNS = ("metric", "path", "mask", "round", "split", *FACTOR_COLUMNS)
 SUMMARY_COLUMNS = GROUP_COLUMNS + ("n_widths", "n_seeds", "slope", "ci_low", "ci_high",
                                    "intercept", "r2")
 
@@ -191,5 +192,6 @@ def format_scaling_table(table) -> str:
                                  strict=True)],
         r2=[f"{r:.3f}" for r in table["r2"]],
     )
-    columns = ["metric", "path", "mask", "round", "n_widths", "n_seeds", "slope", "ci", "r2"]
+    columns = ["metric", "path", "mask", "round", *varying_factors(table), "n_widths",
+               "n_seeds", "slope", "ci", "r2"]
     return shown[columns].to_string(index=False)

@@ -13,6 +13,8 @@ are summarized, and in which order paths and masks are shown:
 * :func:`training_runs` / :func:`perturbation_runs`: the records of plain training runs
   (dense networks, tickets and controls) and of the perturbation test (``experiment``
   column).
+* :func:`varying_factors` and :func:`factor_groups`: the factor columns (parameterization,
+  output scale) that a study varies, and its records split by them.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ntk_tickets.config import CONTROLS, PATHS
+from ntk_tickets.config import FACTOR_COLUMNS as _FACTOR_COLUMNS
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -32,8 +35,11 @@ if TYPE_CHECKING:
 PATH_ORDER: tuple[str, ...] = PATHS
 #: Control masks, shown after the ticket families.
 CONTROL_MASKS: tuple[str, ...] = CONTROLS
+#: The columns of the factor fields (parameterization, output scale): one value per cell.
+FACTOR_COLUMNS: tuple[str, ...] = _FACTOR_COLUMNS
 #: The columns that identify one run's value at one step.
-RUN_COLUMNS = ("width", "seed", "path", "mask", "round", "split", "metric", "experiment", "eps")
+RUN_COLUMNS = ("width", "seed", "path", "mask", "round", "split", "metric", "experiment", "eps",
+               *FACTOR_COLUMNS)
 
 
 def final_step(records: pd.DataFrame) -> pd.DataFrame:
@@ -85,6 +91,28 @@ def ordered(names: Iterable[str], first: Sequence[str] = (),
     names = set(names)
     middle = sorted(names - set(first) - set(last))
     return [n for n in first if n in names] + middle + [n for n in last if n in names]
+
+
+def varying_factors(records: pd.DataFrame) -> list[str]:
+    """The factor columns that take more than one value in ``records``: the ones a table or
+    figure must keep apart (e.g. ``["parameterization"]`` for an ntk-vs-µP study)."""
+    return [c for c in FACTOR_COLUMNS if c in records.columns and records[c].nunique() > 1]
+
+
+def factor_groups(records: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
+    """``records`` split by the values of its varying factors, each with a label such as
+    ``"mup, output_scale 10"`` (one group labelled ``""`` when no factor varies)."""
+    factors = varying_factors(records)
+    if not factors:
+        return [("", records)]
+    return [(factor_label(dict(zip(factors, key if isinstance(key, tuple) else (key,),
+                                   strict=True))), group)
+            for key, group in records.groupby(factors, sort=True)]
+
+
+def factor_label(factors: dict) -> str:
+    """``{"parameterization": "mup", "output_scale": 10.0}`` → ``"mup, output_scale 10"``."""
+    return ", ".join(v if isinstance(v, str) else f"{c} {v:g}" for c, v in factors.items())
 
 
 def training_runs(records: pd.DataFrame) -> pd.DataFrame:

@@ -1,14 +1,16 @@
 """Presets, config resolution and the study runner behind ``ntk-tickets run`` and ``demo``.
 
-A study is a list of cells, one per width (seeds are vmapped inside a cell). Each finished
-cell is written to the results directory at once, so an interrupted run resumes where it
-stopped and a finished cell is never recomputed.
+A study is a list of cells, one per width and combination of factor values
+(:data:`ntk_tickets.config.FACTOR_FIELDS`: parameterization, output scale); seeds are vmapped
+inside a cell. Each finished cell is written to the results directory at once, so an
+interrupted run resumes where it stopped and a finished cell is never recomputed.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import importlib.resources
 import os
@@ -19,9 +21,13 @@ from typing import Any
 import jax
 
 from ntk_tickets.config import (
+    FACTOR_COLUMNS,
     StudyConfig,
+    cell_factors,
     config_to_dict,
+    factor_tag,
     load_config,
+    with_factors,
 )
 from ntk_tickets.data import Dataset, load_dataset
 from ntk_tickets.errors import StudyInterrupted, UserInputError
@@ -32,12 +38,14 @@ from ntk_tickets.executors import (
     ray_cluster,
 )
 from ntk_tickets.memory import check_memory
+from ntk_tickets.metrics import METRICS
 from ntk_tickets.models import build_model, parameter_count
 from ntk_tickets.progress import Progress
 from ntk_tickets.results import ResultsStore
 from ntk_tickets.select import (
     CONTROL_MASKS,
     PATH_ORDER,
+    factor_groups,
     final_step,
     nan_mean,
     ordered,
@@ -118,19 +126,29 @@ class StudyReport:
 
 @dataclasses.dataclass(frozen=True)
 class Cell:
-    """One unit of work and of the store: one width and the seeds vmapped inside it."""
+    """One unit of work and of the store: one width, one value of each factor field
+    (``factors``: ``((column, value), ...)``, :func:`ntk_tickets.config.cell_factors`) and
+    the seeds vmapped inside it."""
 
     width: int
     seeds: tuple[int, ...]
+    factors: tuple[tuple[str, Any], ...] = ()
 
     @property
     def id(self) -> str:
-        """The cell's id in the store, e.g. ``w00064_s0-1`` (seed ranges joined by ``,``)."""
-        return cell_id(self.width, self.seeds)
+        """The cell's id in the store, e.g. ``w00064_ntk_os1_s0-1``."""
+        return cell_id(self.width, self.seeds, dict(self.factors))
+
+    def config(self, cfg: StudyConfig) -> StudyConfig:
+        """The study config this cell runs under: its seeds and factor values."""
+        return with_factors(_with_seeds(cfg, self.seeds), dict(self.factors))
 
 
-def cell_id(width: int, seeds: Sequence[int]) -> str:
-    """The store's id of the cell of ``width`` with ``seeds``, e.g. ``w00064_s0-3,7``."""
+
+def cell_id(width: int, seeds: Sequence[int], factors: Mapping[str, Any] | None = None) -> str:
+    """The store's id of the cell of ``width`` with ``seeds`` and factor values, e.g.
+    ``w00064_mup_os10_s0-3,7`` (``factors`` in :data:`~ntk_tickets.config.FACTOR_FIELDS`
+    order; cells written before factors existed have ids without them)."""
     ranges, seeds = [], sorted(seeds)
     start = prev = seeds[0]
     for seed in [*seeds[1:], None]:
@@ -142,21 +160,34 @@ def cell_id(width: int, seeds: Sequence[int]) -> str:
     label = ",".join(ranges)
     if len(label) > 120:  # many scattered seeds: a short digest keeps the id a file name
         label = f"{seeds[0]}-{seeds[-1]}+{hashlib.sha256(label.encode()).hexdigest()[:10]}"
-    return f"w{width:05d}_s{label}"
+    tags = "".join(f"_{factor_tag(c, v)}" for c, v in (factors or {}).items())
+    return f"w{width:05d}{tags}_s{label}"
+
+
+def _factor_key(entry: Mapping[str, Any], cid: str) -> tuple[tuple[str, Any], ...]:
+    """The factor values of a manifest entry, in :func:`cell_factors` order."""
+    missing = [c for c in FACTOR_COLUMNS if c not in entry]
+    if missing:
+        raise UserInputError(f"cell {cid!r} of the manifest has no {', '.join(missing)} "
+                             "(edited by hand?): restore it, or choose another --out DIR")
+    return tuple((c, entry[c]) for c in FACTOR_COLUMNS)
 
 
 def plan_cells(cfg: StudyConfig, finished: Mapping[str, Mapping]) -> tuple[list[Cell],
                                                                            list[str]]:
     """The cells still to compute, and the ids of the finished cells this config covers.
 
-    A width's seeds that some finished cell already holds are not computed again, so adding
-    widths or seeds to a finished study computes only what is new.
+    The seeds of a width and factor combination that some finished cell already holds are
+    not computed again, so adding widths, seeds or factor values to a finished study
+    computes only what is new.
 
     Args:
       cfg: the study config.
-      finished: manifest entries of the finished cells (with ``width`` and ``seeds``).
+      finished: manifest entries of the finished cells (with ``width``, ``seeds`` and the
+        factor columns).
     """
-    held: dict[int, set[int]] = {}
+    combos = [tuple(f.items()) for f in cell_factors(cfg)]
+    held: dict[tuple, set[int]] = {}
     covered = []
     for cid, entry in finished.items():
         if not (isinstance(entry.get("width"), int)
@@ -165,26 +196,45 @@ def plan_cells(cfg: StudyConfig, finished: Mapping[str, Mapping]) -> tuple[list[
             raise UserInputError(
                 f"cell {cid!r} of the manifest has no integer width and list of integer seeds "
                 "(edited by hand?): restore it, or choose another --out DIR")
-        held.setdefault(entry["width"], set()).update(entry["seeds"])
-        if entry["width"] in cfg.model.widths and set(entry["seeds"]) & set(cfg.train.seeds):
+        factors = _factor_key(entry, cid)
+        held.setdefault((entry["width"], factors), set()).update(entry["seeds"])
+        if (entry["width"] in cfg.model.widths and factors in combos
+                and set(entry["seeds"]) & set(cfg.train.seeds)):
             covered.append(cid)
     todo = []
-    for width in cfg.model.widths:
-        seeds = tuple(s for s in cfg.train.seeds if s not in held.get(width, ()))
-        if seeds:
-            todo.append(Cell(width, seeds))
+    for factors in combos:
+        for width in cfg.model.widths:
+            seeds = tuple(s for s in cfg.train.seeds
+                          if s not in held.get((width, factors), ()))
+            if seeds:
+                todo.append(Cell(width, seeds, factors))
+    _check_ensembles(cfg, todo, held)
     return todo, sorted(covered)
+
+
+def _check_ensembles(cfg: StudyConfig, todo: Sequence[Cell], held: Mapping[tuple, set]) -> None:
+    """Refuses to add seeds to a width that a finished cell holds when the study records a
+    metric over the ensemble of a cell's seeds: the new cell's ensemble would be another
+    one, and no table could tell them apart."""
+    ensemble = [m for m in cfg.metrics if not METRICS[m].per_seed]
+    for cell in todo:
+        if ensemble and held.get((cell.width, cell.factors)):
+            raise UserInputError(
+                f"{', '.join(ensemble)} average(s) over the seeds of one cell, and width "
+                f"{cell.width} already has seeds {sorted(held[cell.width, cell.factors])}: "
+                f"run seeds {list(cell.seeds)} in another --out DIR, or list all seeds again "
+                "with --force")
 
 
 def _with_seeds(cfg: StudyConfig, seeds: tuple[int, ...]) -> StudyConfig:
     return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seeds=seeds))
 
 
-def cell_cost(cfg: StudyConfig, data: Dataset, width: int) -> int:
-    """The relative cost of the cell of ``width`` for the time-left estimate: the model's
-    parameter count (a training step costs about that many multiply-adds per example, so a
-    hidden n × n layer makes it grow like n²). Computed from shapes only."""
-    model = build_model(cfg.model, width, data.input_shape, data.n_out)
+def cell_cost(cfg: StudyConfig, data: Dataset, cell: Cell) -> int:
+    """The relative cost of a cell for the time-left estimate: the model's parameter count
+    (a training step costs about that many multiply-adds per example, so a hidden n × n
+    layer makes it grow like n²). Computed from shapes only."""
+    model = build_model(cell.config(cfg).model, cell.width, data.input_shape, data.n_out)
     return parameter_count(jax.eval_shape(model.init, jax.random.PRNGKey(0)))
 
 
@@ -265,7 +315,7 @@ def run_study(cfg: StudyConfig, out_dir: str | Path, *, force: bool = False,
         cells = store.manifest["cells"]
         finished = {cid: cells[cid] for cid in store.done_cells()}
         todo, report.skipped = plan_cells(cfg, finished)
-        costs = {cell: float(cell_cost(cfg, data, cell.width)) * len(cell.seeds)
+        costs = {cell: float(cell_cost(cfg, data, cell)) * len(cell.seeds)
                  for cell in todo}
         progress = Progress(list(costs.values()), len(report.skipped),
                             bar=False if log else None)
@@ -279,40 +329,64 @@ def run_study(cfg: StudyConfig, out_dir: str | Path, *, force: bool = False,
                                          gpus_per_cell):
                 store.write_cell(cell.id, output.records, output.status, output.compile_s,
                                  output.run_s, arrays=output.arrays,
-                                 width=cell.width, seeds=list(cell.seeds), **output.info)
+                                 width=cell.width, seeds=list(cell.seeds),
+                                 **dict(cell.factors), **output.info)
                 report.computed.append(cell.id)
                 if output.status == "diverged":
                     report.diverged[cell.id] = output.info["diverged_step"]
                 progress.advance(costs[cell])
-                say(f"[{progress.done}/{progress.total}] width {cell.width}, seeds "
-                    f"{list(cell.seeds)}: {output.status} (compile {output.compile_s:.1f} s, "
-                    f"run {output.run_s:.1f} s)")
+                say(f"[{progress.done}/{progress.total}] width {cell.width}"
+                    f"{_factor_text(cell)}, seeds {list(cell.seeds)}: {output.status} "
+                    f"(compile {output.compile_s:.1f} s, run {output.run_s:.1f} s)")
         except KeyboardInterrupt:
+            store.save_manifest()  # a cell interrupted mid-write is on disk as it is here
             raise StudyInterrupted(out_dir, len(store.done_cells())) from None
         finally:
             progress.close()
     return report
 
 
+def _factor_text(cell: Cell) -> str:
+    """``, mup, output_scale 10``: the factor values that the study varies."""
+    return "".join(f", {c} {v}" if not isinstance(v, str) else f", {v}"
+                   for c, v in cell.factors)
+
+
 def _execute(cfg: StudyConfig, todo: Sequence[Cell], x64: bool, data: Dataset,
              executor: str, workers: int | None, ray_address: str | None,
              gpus_per_cell: float) -> Iterator[tuple[Cell, Any]]:
-    """``(cell, CellOutput)`` as cells finish; cells that share their seeds run together."""
-    by_seeds: dict[tuple[int, ...], list[Cell]] = {}
+    """``(cell, CellOutput)`` as cells finish; cells that share their seeds and factor values
+    run together (one config, several widths)."""
+    groups: dict[tuple, list[Cell]] = {}
     for cell in todo:
-        by_seeds.setdefault(cell.seeds, []).append(cell)
-    for seeds, cells in by_seeds.items():
+        groups.setdefault((cell.seeds, cell.factors), []).append(cell)
+    for cells in groups.values():
         widths = {cell.width: cell for cell in cells}
-        for output in execute_cells(_with_seeds(cfg, seeds), list(widths), x64,
+        for output in execute_cells(cells[0].config(cfg), list(widths), x64,
                                     executor=executor, data=data, workers=workers,
                                     ray_address=ray_address, gpus_per_cell=gpus_per_cell):
             yield widths[output.width], output
 
 
+def by_factors(table: Callable[[Any], str]) -> Callable[[Any], str]:
+    """A text table made once per combination of the factor values the records vary
+    (:func:`ntk_tickets.select.factor_groups`), each under its label; empty ones dropped."""
+    @functools.wraps(table)
+    def tables(records) -> str:
+        sections = [(label, table(group)) for label, group in factor_groups(records)]
+        return "\n\n".join(f"{label}\n{text}" if label else text
+                            for label, text in sections if text)
+    return tables
+
+
+@by_factors
 def width_table(records) -> str:
     """A per-width text table of the dense networks at the final step (means over seeds):
-    test accuracy of each path (test loss for regression), function gap against exact, and
-    the exact path's relative weight change. Diverged runs are NaN and shown as such."""
+    test accuracy of each path (test loss for regression), the same for the seed-averaged
+    prediction (``ens-``) and the ntk/nngp expected test loss (``E[loss]``) where recorded,
+    function gap against exact, and the exact path's relative weight and feature change.
+    Diverged runs are NaN and shown as such. A study that varies a factor gets one table
+    per factor value."""
     import pandas as pd
 
     final = final_step(training_runs(records))
@@ -322,8 +396,11 @@ def width_table(records) -> str:
     paths = ordered(final["path"].unique(), PATH_ORDER)
     columns = {}
     for name, metric, split, among in ((label, score, "test", paths),
+                                       (f"ens-{label}", f"ensemble_{score}", "test", paths),
+                                       ("E[loss]", "expected_loss", "test", paths),
                                        ("gap", "function_gap", "test", paths[1:]),
-                                       ("dθ/θ0", "weight_change", "none", ["exact"])):
+                                       ("dθ/θ0", "weight_change", "none", ["exact"]),
+                                       ("dh/h0", "feature_change", "test", ["exact"])):
         for path in among:
             rows = final[(final.path == path) & (final.metric == metric)
                          & (final.split == split)]
@@ -332,6 +409,7 @@ def width_table(records) -> str:
     return pd.DataFrame(columns).to_string(float_format=lambda v: f"{v:.4f}")
 
 
+@by_factors
 def ticket_table(records) -> str:
     """A text table of a ticket study at the final step (means over seeds): per width and
     sparsity, the test accuracy (test loss for regression) of each mask on the exact path

@@ -10,10 +10,12 @@ The loop is one jitted program per shape: ``lax.scan`` over the recording segmen
 ``lax.fori_loop`` over the steps inside each segment, and ``vmap`` over seeds, so no host
 round trip happens during training and one compile serves every seed. At each recorded
 step (log-spaced, :func:`log_spaced_steps`) it stores the network outputs on the training
-and test inputs and the squared weight change per layer (and optionally a probe kernel);
+and test inputs and the squared weight change per layer (and optionally a probe kernel and
+the change of the last hidden layer's features on the test inputs);
 losses, accuracies and function gaps are computed from those outputs afterwards
 (:mod:`ntk_tickets.experiments`). Masks enter as an ``update_mask`` argument, so masked
-(ticket) training is the same program.
+(ticket) training is the same program, and so do per-parameter learning-rate factors
+(µP and the output scale, :mod:`ntk_tickets.regimes`).
 
 Losses: ``mse`` is ½·mean((f − y)²) over all n·k entries, the normalization under which
 ``t`` steps of gradient descent with step size η match neural-tangents' closed form at
@@ -36,6 +38,7 @@ import optax
 
 from ntk_tickets.config import TrainConfig
 from ntk_tickets.optimizers import LOSSES, make_optimizer
+from ntk_tickets.regimes import scale_updates
 
 PyTree = Any
 ModelFn = Callable[[PyTree, PyTree, jax.Array], jax.Array]
@@ -79,6 +82,9 @@ class Trajectory:
       params_rewind: the parameters θ_k at the rewind step k, stacked over seeds.
       probe_kernel: (s, r, m, m) the traced empirical NTK of the trained function on the
         probe inputs at each recorded step, or None when not requested.
+      feature_sq_change: (s, r) ‖h_t − h_start‖² of the last hidden layer's features on the
+        test inputs, or None when not requested.
+      feature_sq_norm0: (s,) ‖h_start‖² on the test inputs, or None.
     """
 
     steps: np.ndarray
@@ -89,6 +95,8 @@ class Trajectory:
     params: PyTree
     params_rewind: PyTree
     probe_kernel: jax.Array | None = None
+    feature_sq_change: jax.Array | None = None
+    feature_sq_norm0: jax.Array | None = None
 
 
 def _layer_sq_norms(params: PyTree) -> jax.Array:
@@ -104,8 +112,8 @@ def _n_seeds(params0: PyTree) -> int:
 
 
 def make_train_fn(fn: ModelFn, cfg: TrainConfig, record_steps: np.ndarray, *,
-                  probe_kernel_fn: Callable[[PyTree, jax.Array], jax.Array] | None = None
-                  ) -> Callable:
+                  probe_kernel_fn: Callable[[PyTree, jax.Array], jax.Array] | None = None,
+                  feature_fn: ModelFn | None = None) -> Callable:
     """Builds the jitted, seed-vmapped training program.
 
     Args:
@@ -114,9 +122,12 @@ def make_train_fn(fn: ModelFn, cfg: TrainConfig, record_steps: np.ndarray, *,
       record_steps: increasing steps at which outputs are recorded, from 0 to ``cfg.steps``.
       probe_kernel_fn: optional ``(params, x_probe) -> (m, m)`` kernel recorded at every
         recorded step (e.g. the traced empirical NTK, for ``ntk_change``).
+      feature_fn: optional ``(params, params0, x) -> h``, the features whose change on the
+        test inputs is recorded (for ``feature_change``).
 
     Returns:
-      A jitted ``train(params0, update_mask, data, batches, rewind_step)`` returning the
+      A jitted ``train(params0, update_mask, data, batches, rewind_step, lr_factors)``
+      returning the
       fields of :class:`Trajectory` after ``steps`` as a tuple. ``params0`` (the start of
       training and the point of linearization), ``update_mask`` and ``batches`` (int,
       (s, steps, batch_size), or (s, 0, 0) for full batch) have a leading seed axis; ``data``
@@ -125,15 +136,18 @@ def make_train_fn(fn: ModelFn, cfg: TrainConfig, record_steps: np.ndarray, *,
       is 0 the optimizer's update is replaced by exactly 0 after every transformation
       (momentum, Adam moments, weight decay), so entries that start at 0 stay exactly 0.
       ``rewind_step`` (int scalar, one of ``record_steps``) selects the step whose
-      parameters are returned as ``params_rewind``. Everything is an argument: nothing,
-      parameters and masks included, is closed over (DESIGN.md §3), so one compile serves
-      every seed, mask and rewind step. Run it with :class:`TrainingProgram`.
+      parameters are returned as ``params_rewind``. ``lr_factors`` (a PyTree of scalars
+      shaped like one seed's parameters, or None) multiplies each parameter's update after
+      the optimizer: per-parameter learning rates (:func:`ntk_tickets.regimes.lr_factors`).
+      Everything is an argument: nothing, parameters and masks included, is closed over
+      (DESIGN.md §3), so one compile serves every seed, mask and rewind step. Run it with
+      :class:`TrainingProgram`.
     """
     optimizer = make_optimizer(cfg)
     loss_fn = LOSSES[cfg.loss]
     bounds = jnp.asarray(np.stack([record_steps[:-1], record_steps[1:]], axis=1))
 
-    def train_one(params0, update_mask, data, batches, rewind_step):
+    def train_one(params0, update_mask, data, batches, rewind_step, lr_factors):
         x_train, y_train = data["x_train"], data["y_train"]
 
         def loss_of(params, x, y):
@@ -147,6 +161,7 @@ def make_train_fn(fn: ModelFn, cfg: TrainConfig, record_steps: np.ndarray, *,
                 x, y = x_train, y_train
             grads = jax.grad(loss_of)(params, x, y)
             updates, opt_state = optimizer.update(grads, opt_state, params)
+            updates = scale_updates(updates, lr_factors)
             if update_mask is not None:
                 updates = jax.tree_util.tree_map(
                     lambda u, m: jnp.where(m, u, jnp.zeros_like(u)), updates, update_mask)
@@ -154,10 +169,14 @@ def make_train_fn(fn: ModelFn, cfg: TrainConfig, record_steps: np.ndarray, *,
 
         def record(params):
             delta = jax.tree_util.tree_map(jnp.subtract, params, params0)
-            out = (fn(params, params0, x_train), fn(params, params0, data["x_test"]),
-                   _layer_sq_norms(delta))
+            out = {"f_train": fn(params, params0, x_train),
+                   "f_test": fn(params, params0, data["x_test"]),
+                   "sq_change": _layer_sq_norms(delta)}
             if probe_kernel_fn is not None:
-                out += (probe_kernel_fn(params, data["x_probe"]),)
+                out["probe_kernel"] = probe_kernel_fn(params, data["x_probe"])
+            if feature_fn is not None:
+                h = feature_fn(params, params0, data["x_test"])
+                out["feature_sq_change"] = jnp.sum((h - h0) ** 2)
             return out
 
         def segment(carry, bound):
@@ -168,23 +187,26 @@ def make_train_fn(fn: ModelFn, cfg: TrainConfig, record_steps: np.ndarray, *,
                 lambda a, b: jnp.where(bound[1] == rewind_step, a, b), params, params_rewind)
             return (params, opt_state, params_rewind), record(params)
 
+        h0 = None if feature_fn is None else feature_fn(params0, params0, data["x_test"])
         first = record(params0)
         carry = (params0, optimizer.init(params0), params0)
         (params, _, params_rewind), rest = jax.lax.scan(segment, carry, bounds)
-        recorded = [jnp.concatenate([a[None], b]) for a, b in zip(first, rest, strict=True)]
-        f_train, f_test, sq_change, *probe = recorded
-        return (f_train, f_test, sq_change, _layer_sq_norms(params0), params, params_rewind,
-                probe[0] if probe else None)
+        recorded = jax.tree_util.tree_map(lambda a, b: jnp.concatenate([a[None], b]),
+                                          first, rest)
+        return (recorded["f_train"], recorded["f_test"], recorded["sq_change"],
+                _layer_sq_norms(params0), params, params_rewind,
+                recorded.get("probe_kernel"), recorded.get("feature_sq_change"),
+                None if h0 is None else jnp.sum(h0 ** 2))
 
-    def train(params0, update_mask, data, batches, rewind_step):
+    def train(params0, update_mask, data, batches, rewind_step, lr_factors):
         if _n_seeds(params0) > 1:
-            return jax.vmap(train_one, in_axes=(0, 0, None, 0, None))(
-                params0, update_mask, data, batches, rewind_step)
+            return jax.vmap(train_one, in_axes=(0, 0, None, 0, None, None))(
+                params0, update_mask, data, batches, rewind_step, lr_factors)
         # One seed: run unbatched. XLA:CPU runs a batched matmul of batch 1 at about half
         # the speed of the plain one (benchmarks/bench_engine.py).
         squeeze = functools.partial(jax.tree_util.tree_map, lambda a: a[0])
         out = train_one(squeeze(params0), squeeze(update_mask), data, squeeze(batches),
-                        rewind_step)
+                        rewind_step, lr_factors)
         return jax.tree_util.tree_map(lambda a: a[None], out)
 
     return jax.jit(train)
@@ -202,13 +224,19 @@ class TrainingProgram:
         program = TrainingProgram(linearize(model.apply_fn), cfg.train, steps)
         trajectory = program(params0, data, batches)
         print(program.compile_s, program.run_s)
+
+    ``lr_factors`` (per-parameter learning-rate factors, :func:`ntk_tickets.regimes.lr_factors`)
+    is kept and passed to the program as an argument at every call.
     """
 
     def __init__(self, fn: ModelFn, cfg: TrainConfig, record_steps: np.ndarray, *,
-                 probe_kernel_fn: Callable[[PyTree, jax.Array], jax.Array] | None = None):
+                 probe_kernel_fn: Callable[[PyTree, jax.Array], jax.Array] | None = None,
+                 feature_fn: ModelFn | None = None, lr_factors: PyTree | None = None):
         self.record_steps = np.asarray(record_steps)
+        self.lr_factors = (None if lr_factors is None
+                           else jax.tree_util.tree_map(jnp.asarray, lr_factors))
         self._train = make_train_fn(fn, cfg, self.record_steps,
-                                    probe_kernel_fn=probe_kernel_fn)
+                                    probe_kernel_fn=probe_kernel_fn, feature_fn=feature_fn)
         self._compiled: dict[Any, Any] = {}
         self.compile_s = 0.0
         self.run_s = 0.0
@@ -223,7 +251,8 @@ class TrainingProgram:
         if rewind_step not in self.record_steps:
             raise ValueError(f"rewind_step {rewind_step} is not a recorded step "
                              f"{self.record_steps.tolist()}")
-        args = (params0, update_mask, data, batches, jnp.asarray(rewind_step, jnp.int32))
+        args = (params0, update_mask, data, batches, jnp.asarray(rewind_step, jnp.int32),
+                self.lr_factors)
         leaves, treedef = jax.tree_util.tree_flatten(args)
         key = (treedef, tuple((leaf.shape, leaf.dtype) for leaf in leaves))
         if key not in self._compiled:

@@ -122,7 +122,7 @@ def test_corrupted_records_file_is_reported_not_replaced(study, capsys, command)
     assert _snapshot(folder) == before  # no summary.csv, no figures, records untouched
 
 
-@pytest.mark.parametrize("damaged", ["manifest.json", "cells/w00008_s0.parquet"])
+@pytest.mark.parametrize("damaged", ["manifest.json", "cells/w00008_ntk_os1_s0.parquet"])
 def test_run_refuses_a_corrupted_study_and_changes_nothing(study, capsys, damaged):
     config, folder = study
     (folder / damaged).write_bytes(b"garbage")

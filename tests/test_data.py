@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import gzip
+import hashlib
 import random
 from pathlib import Path
 
@@ -333,6 +334,60 @@ def test_sine_targets_are_sin_of_inputs():
 def test_xent_on_regression_is_refused():
     with pytest.raises(UserInputError, match="train.loss"):
         load_dataset(_cfg("teacher"), "xent")
+
+
+# --------------------------------------------------------------------- label noise
+
+
+def test_label_noise_changes_the_expected_fraction_of_training_labels_only():
+    """round(p·n) labels get a uniform class, so each changes with probability (K−1)/K.
+
+    The number changed is Binomial(m = round(p·n), (K−1)/K); the bound is 4 of its standard
+    deviations (digits, K = 10, n = 1000, p = 0.5: m = 500, expected 450 ± 6.7).
+    """
+    p, n, k = 0.5, 1000, 10
+    clean = _load(_cfg("digits", n_train=n, n_test=300), "xent")
+    noisy = _load(_cfg("digits", n_train=n, n_test=300, label_noise=p), "xent")
+    changed = int(np.sum(noisy.y_train != clean.y_train))
+    m, q = round(p * n), (k - 1) / k
+    assert changed <= m
+    assert abs(changed - m * q) <= 4 * np.sqrt(m * q * (1 - q)), changed
+    assert noisy.y_train.min() >= 0 and noisy.y_train.max() < k
+    for field in ("x_train", "x_test", "y_test"):
+        np.testing.assert_array_equal(getattr(noisy, field), getattr(clean, field))
+    onehot = _load(_cfg("digits", n_train=n, n_test=300, label_noise=p))  # mse: same labels
+    np.testing.assert_array_equal(onehot.y_train.argmax(axis=1), noisy.y_train)
+
+
+def test_label_noise_zero_is_the_data_without_it_and_noise_is_deterministic():
+    cfg = _cfg("digits")
+    plain = _load(cfg)
+    # The fingerprint as it was computed before label noise existed (name, K, arrays).
+    digest = hashlib.sha256(f"{plain.name}|{plain.n_classes}".encode())
+    for a in (plain.x_train, plain.y_train, plain.x_test, plain.y_test):
+        digest.update(f"|{a.dtype.str}{a.shape}|".encode())
+        digest.update(np.ascontiguousarray(a).tobytes())
+    assert plain.fingerprint == digest.hexdigest()[:16]
+    zero = load_dataset(_cfg("digits", label_noise=0.0))
+    assert zero.fingerprint == plain.fingerprint
+    np.testing.assert_array_equal(zero.y_train, plain.y_train)
+    noisy, again = (load_dataset(_cfg("digits", label_noise=0.3)) for _ in range(2))
+    assert noisy.fingerprint == again.fingerprint != plain.fingerprint
+    np.testing.assert_array_equal(noisy.y_train, again.y_train)
+    other = load_dataset(_cfg("digits", label_noise=0.3, seed=1))
+    assert other.fingerprint != noisy.fingerprint
+
+
+def test_label_noise_on_regression_targets_is_refused_in_one_line(tmp_path):
+    rng = np.random.default_rng(0)
+    path = _write_npz(tmp_path / "r.npz", x_train=rng.standard_normal((20, 2)),
+                      y_train=rng.standard_normal(20), x_test=rng.standard_normal((5, 2)),
+                      y_test=rng.standard_normal(5))
+    for cfg in (_cfg("npz", path=str(path), n_train=10, n_test=5, label_noise=0.1),
+                _cfg("teacher", label_noise=0.1)):
+        with pytest.raises(UserInputError, match="data.label_noise") as info:
+            load_dataset(cfg)
+        assert "\n" not in str(info.value)
 
 
 # --------------------------------------------------------------------- npz and idx files

@@ -71,7 +71,7 @@ def _assert_same_study(a, b):
 def test_process_pool_records_are_identical_to_serial(small, serial_dir, tmp_path):
     lines = []
     report = run_study(small, tmp_path, executor="process", workers=2, log=lines.append)
-    assert sorted(report.computed) == ["w00008_s0-1", "w00016_s0-1"]
+    assert sorted(report.computed) == ["w00008_ntk_os1_s0-1", "w00016_ntk_os1_s0-1"]
     assert len(lines) == 2 and all("done" in line for line in lines)
     _assert_same_study(serial_dir, tmp_path)
 
@@ -211,9 +211,9 @@ def test_ray_local_cluster_is_private_to_this_machine_and_python(monkeypatch, tm
 def test_process_pool_resumes_an_interrupted_serial_run(small, serial_dir, tmp_path):
     out = tmp_path / "study"
     shutil.copytree(serial_dir, out)
-    (out / "cells" / "w00016_s0-1.parquet").unlink()  # as if killed before it landed
+    (out / "cells" / "w00016_ntk_os1_s0-1.parquet").unlink()  # as if killed before it landed
     report = run_study(small, out, executor="process", log=lambda line: None)
-    assert report.skipped == ["w00008_s0-1"] and report.computed == ["w00016_s0-1"]
+    assert report.skipped == ["w00008_ntk_os1_s0-1"] and report.computed == ["w00016_ntk_os1_s0-1"]
     _assert_same_study(serial_dir, out)
 
 

@@ -83,7 +83,7 @@ def test_records_schema_and_manifest(scaling_records):
     assert not records.duplicated(["width", "seed", "path", "step", "split", "metric"]).any()
     manifest = load_manifest(out)
     assert manifest["environment"]["neural-tangents"] == "0.6.5"
-    assert set(manifest["cells"]) == {"w00016_s0-2", "w01024_s0-2"}
+    assert set(manifest["cells"]) == {"w00016_ntk_os1_s0-2", "w01024_ntk_os1_s0-2"}
     for cell in manifest["cells"].values():
         assert cell["status"] == "done" and cell["compile_s"] > 0 and cell["run_s"] > 0
     assert manifest["config"]["model"]["widths"] == [16, 1024]
@@ -127,8 +127,8 @@ def test_divergence_is_recorded_and_other_cells_go_on(tmp_path):
     report = run_study(cfg, tmp_path, log=lambda line: None)
     manifest = load_manifest(tmp_path)
     assert {c["status"] for c in manifest["cells"].values()} == {"diverged"}
-    assert set(report.diverged) == {"w00008_s0", "w00016_s0"}
-    assert isinstance(manifest["cells"]["w00008_s0"]["diverged_step"]["exact"]["0"], int)
+    assert set(report.diverged) == {"w00008_ntk_os1_s0", "w00016_ntk_os1_s0"}
+    assert isinstance(manifest["cells"]["w00008_ntk_os1_s0"]["diverged_step"]["exact"]["0"], int)
 
 
 def test_rerun_skips_finished_cells(tmp_path):
@@ -136,7 +136,7 @@ def test_rerun_skips_finished_cells(tmp_path):
     run_study(cfg, tmp_path, log=lambda line: None)
     before = load_records(tmp_path)
     report = run_study(with_overrides(cfg, []), tmp_path, log=lambda line: None)
-    assert report.skipped == ["w00008_s0"] and report.computed == []
+    assert report.skipped == ["w00008_ntk_os1_s0"] and report.computed == []
     assert len(load_records(tmp_path)) == len(before)
 
 
@@ -230,12 +230,12 @@ def test_a_study_grows_by_widths_and_seeds_computing_only_new_cells(tmp_path):
     run_study(_cfg("model.widths=[8]", *base), tmp_path, log=lambda line: None)
     first = load_records(tmp_path)
     report = run_study(_cfg("model.widths=[8, 16]", *base), tmp_path, log=lambda line: None)
-    assert report.computed == ["w00016_s0"] and report.skipped == ["w00008_s0"]
+    assert report.computed == ["w00016_ntk_os1_s0"] and report.skipped == ["w00008_ntk_os1_s0"]
     grown = load_records(tmp_path)
     pd.testing.assert_frame_equal(grown[grown.width == 8].reset_index(drop=True), first)
     report = run_study(_cfg("model.widths=[8, 16]", "train.seeds=[0, 1]", *base[1:]),
                        tmp_path, log=lambda line: None)
-    assert report.computed == ["w00008_s1", "w00016_s1"]
+    assert report.computed == ["w00008_ntk_os1_s1", "w00016_ntk_os1_s1"]
     records = load_records(tmp_path)
     assert sorted(records.groupby(["width", "seed"]).groups) == [(8, 0), (8, 1), (16, 0),
                                                                  (16, 1)]

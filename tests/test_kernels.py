@@ -255,3 +255,162 @@ def test_infinite_width_predictions_with_diag_reg_are_ridge_regression(float64):
     mean_train, mean_test, _ = out["nngp"]
     np.testing.assert_allclose(mean_test[0], k_td @ np.linalg.solve(ridge, y_train), rtol=1e-7)
     np.testing.assert_allclose(mean_train[0], k_dd @ np.linalg.solve(ridge, y_train), rtol=1e-7)
+
+
+# ---------------------------------------------------------------- ridge, t → ∞, output scale
+
+
+def _flat(kernel):
+    """A full kernel (n1, n2, k, k) as the (n1·k, n2·k) matrix of flattened (point, output)."""
+    n1, n2, k, _ = kernel.shape
+    return np.asarray(kernel).transpose(0, 2, 1, 3).reshape(n1 * k, n2 * k)
+
+
+def _hand_flow(k_dd, k_td, g0_train, g0_test, y, eta, t, ridge):
+    """Gradient flow on ½·mean((f − y)²) with the kernel K = k_dd + ridge·mean(diag k_dd)·I,
+    evaluated at test inputs through k_td (numpy, by eigendecomposition; Lee et al. 2019
+    eq. 9–11): g0_test + k_td K⁻¹ (e^{−ηtK/N} − I)(g0_train − y), N = y.size; at t = None
+    the limit g0_test + k_td K⁻¹ (y − g0_train). Outputs are flattened like ``y.ravel()``
+    when the kernels are flat full kernels, or (n, k) with one kernel per output."""
+    k_reg = k_dd + ridge * np.mean(np.diagonal(k_dd)) * np.eye(len(k_dd))
+    evals, evecs = np.linalg.eigh(k_reg)
+    factor = -1 / evals if t is None else np.expm1(-eta * t * evals / y.size) / evals
+    residual = (g0_train - y).reshape(len(k_dd), -1)
+    return g0_test.reshape(len(k_td), -1) + k_td @ (evecs * factor) @ evecs.T @ residual
+
+
+@pytest.mark.parametrize("ridge", [0.0, 0.1])
+@pytest.mark.parametrize("t", [None, 30.0])
+def test_empirical_ntk_predictions_are_hand_computed_ridge_flow(x64, t, ridge):
+    """entk against numpy with the full J Jᵀ from ``jax.jacrev``: test outputs
+    f0_* + Θ_*(Θ + λ·mean diag Θ)⁻¹(e^{−ηtK/N} − I)(f0 − y) (at t = ∞ kernel ridge regression
+    on the residual y − f0), training outputs the same formula at the training inputs.
+
+    Measured largest deviation: 2e-14 (float64), 8e-6 (float32, outputs up to 7, kernel
+    condition number 1.5e3); the tolerances are 1e-9 and 1e-4·max|f|.
+    """
+    model, x_train, y_train, x_test = _regression()
+    theta0 = model.init(jax.random.PRNGKey(0))
+    eta = 0.5
+    f_train, f_test = empirical_ntk_predictions(
+        model.apply_fn, theta0, x_train, y_train, x_test, eta,
+        None if t is None else np.array([t]), diag_reg=ridge)
+    assert f_train.shape == (1, 8, 3) and f_test.shape == (1, 5, 3)
+    k_dd = _flat(_jacobian_ntk(model.apply_fn, theta0, x_train, x_train))
+    k_td = _flat(_jacobian_ntk(model.apply_fn, theta0, x_test, x_train))
+    f0_train, f0_test = (np.asarray(model.apply_fn(theta0, x)).ravel()
+                         for x in (x_train, x_test))
+    y = np.asarray(y_train).ravel()
+    want_test = _hand_flow(k_dd, k_td, f0_train, f0_test, y, eta, t, ridge).reshape(5, 3)
+    want_train = _hand_flow(k_dd, k_dd, f0_train, f0_train, y, eta, t, ridge).reshape(8, 3)
+    tol = 1e-9 if x64 else 1e-4 * float(np.max(np.abs(want_test)))
+    np.testing.assert_allclose(f_test[0], want_test, atol=tol, rtol=0)
+    np.testing.assert_allclose(f_train[0], want_train, atol=tol, rtol=0)
+    if t is None and ridge == 0:
+        np.testing.assert_allclose(f_train[0], y_train, atol=tol)  # interpolates
+    if ridge > 0:  # and with a ridge it does not
+        assert float(np.max(np.abs(f_train[0] - y_train))) > 0.01
+
+
+def _ntk_posterior(theta_dd, theta_td, k_dd, k_td, k_tt, ridge):
+    """The t → ∞ covariance of the ensemble trained with the NTK Θ (Lee et al. 2019,
+    eq. 16), Θ regularized as in :func:`_hand_flow`; K the NNGP kernels (numpy)."""
+    theta_reg = theta_dd + ridge * np.mean(np.diagonal(theta_dd)) * np.eye(len(theta_dd))
+    a = theta_td @ np.linalg.inv(theta_reg)
+    cross = a @ k_td.T
+    return k_tt + a @ k_dd @ a.T - cross - cross.T
+
+
+@pytest.mark.parametrize("ridge", [0.0, 0.1])
+def test_infinite_width_predictions_at_infinite_time_are_hand_computed(float64, ridge):
+    """ntk and nngp at t = ∞ (``steps=None``) against numpy kernel ridge regression
+    K_*(K + λ'I)⁻¹y, λ' = λ·mean diag K; the NNGP variance is the GP posterior variance
+    with observation noise λ', K_** − K_*(K + λ'I)⁻¹K_*ᵀ, the NTK variance that of the
+    ensemble (Lee et al. 2019, eq. 16) with Θ + λ'I in place of Θ; with α the variance is α²
+    as large, centred it is 0, and the mean never changes. Measured deviations ≤ 1e-14;
+    tolerance 1e-9."""
+    model, x_train, y_train, x_test = _regression(n_out=2)
+    y = np.asarray(y_train)
+    kernels = {get: [np.asarray(model.kernel_fn(a, b, get)) for a, b in
+                     ((x_train, None), (x_test, x_train), (x_test, None))]
+               for get in ("ntk", "nngp")}
+    k_dd, k_td, k_tt = kernels["nngp"]
+    k_noisy = k_dd + ridge * np.mean(np.diagonal(k_dd)) * np.eye(8)
+    variances = {
+        "nngp": np.diagonal(k_tt - k_td @ np.linalg.solve(k_noisy, k_td.T)),
+        "ntk": np.diagonal(_ntk_posterior(*kernels["ntk"][:2], k_dd, k_td, k_tt, ridge))}
+    for alpha, center in ((1.0, False), (3.0, False), (3.0, True)):
+        out = infinite_width_predictions(model.kernel_fn, x_train, y_train, x_test, 0.5, None,
+                                         diag_reg=ridge, output_scale=alpha, center=center)
+        for get, (mean_train, mean_test, var_test) in out.items():
+            theta_dd, theta_td, _ = kernels[get]
+            zeros_train, zeros_test = np.zeros((8, 2)), np.zeros((5, 2))
+            np.testing.assert_allclose(mean_test[0], _hand_flow(
+                theta_dd, theta_td, zeros_train, zeros_test, y, 0.5, None, ridge), atol=1e-9)
+            np.testing.assert_allclose(mean_train[0], _hand_flow(
+                theta_dd, theta_dd, zeros_train, zeros_train, y, 0.5, None, ridge), atol=1e-9)
+            scale = 0.0 if center else alpha**2
+            np.testing.assert_allclose(var_test[0], scale * variances[get], atol=1e-9, rtol=0)
+
+
+def test_output_scale_and_centring_change_only_the_initial_outputs_of_entk(x64):
+    """The trained function α·f (α·(f − f0) when centred) at learning rate η/α² has kernel
+    α²Θ̂ and so the closed form of Θ̂ at η, started from α·f0 (or 0).
+
+    Checked two ways: against the hand-computed flow of Θ̂ from g0 = α·f0 or 0 (tolerances
+    as in the plain test above), and against discrete gradient descent on the linearization
+    of g itself at η/α². GD and flow differ by O(ηλ_max/(n·k))·|g0 − y| (module docstring of
+    ``ntk_tickets.kernels``): measured largest gaps 1.2e-3 to 1.7e-3 × max|g0 − y| (which is
+    11.5 uncentred, 2.0 centred), tolerance 1e-2 × max|g0 − y|. A centred model's
+    predictions do not depend on α.
+    """
+    model, x_train, y_train, x_test = _regression()
+    theta0 = model.init(jax.random.PRNGKey(0))
+    eta, alpha, steps = 0.25, 4.0, np.array([0, 100, 400])
+    k_dd = _flat(_jacobian_ntk(model.apply_fn, theta0, x_train, x_train))
+    k_td = _flat(_jacobian_ntk(model.apply_fn, theta0, x_test, x_train))
+    f0_train, f0_test = (np.asarray(model.apply_fn(theta0, x)) for x in (x_train, x_test))
+    y = np.asarray(y_train).ravel()
+    centred = {}
+    for center in (False, True):
+        g0_train, g0_test = ((0 * f if center else alpha * f).ravel()
+                             for f in (f0_train, f0_test))
+        f_train, f_test = empirical_ntk_predictions(
+            model.apply_fn, theta0, x_train, y_train, x_test, eta, steps, output_scale=alpha,
+            center=center)
+        for i, t in enumerate(steps):
+            want = _hand_flow(k_dd, k_td, g0_train, g0_test, y, eta, t, 0.0).reshape(5, 3)
+            tol = 1e-9 if x64 else 1e-4 * float(np.max(np.abs(want)))
+            np.testing.assert_allclose(f_test[i], want, atol=tol, rtol=0)
+
+        def g(params, x, center=center):
+            out = alpha * model.apply_fn(params, x)
+            return out - alpha * model.apply_fn(theta0, x) if center else out
+
+        gd_train, gd_test = _linear_gradient_descent(g, theta0, x_train, y_train, x_test,
+                                                     eta / alpha**2, int(steps[-1]))
+        scale = float(np.max(np.abs(g0_train - y)))  # the gap is relative to g0 − y
+        np.testing.assert_allclose(f_train, gd_train[steps], atol=1e-2 * scale, rtol=0)
+        np.testing.assert_allclose(f_test, gd_test[steps], atol=1e-2 * scale, rtol=0)
+        if center:
+            centred[alpha] = f_test
+    _, f_test_one = empirical_ntk_predictions(model.apply_fn, theta0, x_train, y_train,
+                                              x_test, eta, steps, center=True)
+    np.testing.assert_allclose(f_test_one, centred[alpha], atol=1e-9 if x64 else 1e-5)
+
+
+def test_infinite_width_variance_scales_with_the_output_scale_at_every_time(x64):
+    """Over initializations the mean does not depend on α and the variance is α²·(α = 1),
+    0 when centred, at every t (the randomness is the initial function's)."""
+    model, x_train, y_train, x_test = _regression(n_out=2)
+    steps = np.array([0.0, 10.0, 100.0])
+    plain = infinite_width_predictions(model.kernel_fn, x_train, y_train, x_test, 0.5, steps)
+    for alpha, center in ((0.5, False), (3.0, False), (3.0, True)):
+        scaled = infinite_width_predictions(model.kernel_fn, x_train, y_train, x_test, 0.5,
+                                            steps, output_scale=alpha, center=center)
+        for get in ("ntk", "nngp"):
+            for a, b in zip(plain[get][:2], scaled[get][:2], strict=True):
+                np.testing.assert_array_equal(a, b)
+            want = 0.0 if center else alpha**2 * np.asarray(plain[get][2])
+            np.testing.assert_allclose(scaled[get][2], want, rtol=1e-6, atol=0)
+    assert float(np.min(plain["nngp"][2][0])) > 0.1  # the prior variance is not idle

@@ -1,11 +1,21 @@
 """The metric registry: one entry adds a metric everywhere; diverged values are NaN."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 
 from ntk_tickets import StudyConfig, load_manifest, load_records, run_study, with_overrides
 from ntk_tickets.errors import UserInputError
-from ntk_tickets.metrics import METRICS, Metric, PathOutputs, metric_label, path_values
+from ntk_tickets.metrics import (
+    ENSEMBLE_SEED,
+    METRICS,
+    Metric,
+    PathOutputs,
+    metric_label,
+    path_values,
+    record_seeds,
+)
 from ntk_tickets.study import width_table
 
 TINY = ["data.name='digits'", "data.n_train=64", "data.n_test=32", "model.depth=1",
@@ -71,7 +81,39 @@ def test_a_diverged_study_shows_nan_everywhere_and_names_every_path(tmp_path):
     assert exact.value.isna().all()  # loss and accuracy alike, from step 1 on
     # Gradient flow (the closed forms) does not diverge: their values stay numbers.
     assert records[records.path == "ntk"].value.notna().all()
-    steps = load_manifest(tmp_path)["cells"]["w00016_s0"]["diverged_step"]
+    steps = load_manifest(tmp_path)["cells"]["w00016_ntk_os1_s0"]["diverged_step"]
     assert steps == {"exact": {"0": 1}, "ntk": {"0": None}, "nngp": {"0": None}}
     row = width_table(records).splitlines()[-1].split()
     assert row[0] == "16" and row[1] == "NaN"
+
+
+def test_ensemble_metrics_average_the_seeds_and_are_nan_once_any_seed_diverged():
+    """ensemble_loss/accuracy: one value per step over the seed-averaged outputs (seed −1),
+    NaN from the first step at which any seed diverged; per-seed values of the other seeds
+    stay."""
+    rng = np.random.default_rng(0)
+    f = rng.standard_normal((3, 4, 6, 3))
+    f[1, 2, 0, 0] = np.inf  # seed 1 diverges at step 2
+
+    def loss(f, y):
+        with np.errstate(invalid="ignore"):
+            return 0.5 * np.mean((f - y) ** 2, axis=(-2, -1))
+
+    outputs = _outputs(f, loss)
+    values = path_values(outputs, ["loss", "ensemble_loss", "ensemble_accuracy"])
+    ensemble = values["test", "ensemble_loss"]
+    assert ensemble.shape == (1, 4)
+    mean = f[:, :2].mean(axis=0)
+    np.testing.assert_allclose(ensemble[0, :2], loss(mean, outputs.y_test), rtol=1e-12)
+    labels = outputs.y_test.argmax(-1)
+    np.testing.assert_array_equal(values["train", "ensemble_accuracy"][0, :2],
+                                  np.mean(mean.argmax(-1) == labels, axis=-1))
+    assert np.isnan(ensemble[0, 2:]).all()
+    assert np.isnan(values["test", "ensemble_accuracy"][0, 2:]).all()
+    assert np.isfinite(values["test", "loss"][[0, 2]]).all()  # the other seeds keep theirs
+    assert record_seeds("ensemble_loss", [0, 1, 2]) == (ENSEMBLE_SEED,) == (-1,)
+    assert list(record_seeds("weight_change/readout", [0, 1, 2])) == [0, 1, 2]
+    # Infinite-width paths are ensembles already: no seed ensemble, but an expected loss.
+    infinite = dataclasses.replace(outputs, path="ntk", test_variance=np.ones((3, 4, 6)))
+    assert set(path_values(infinite, ["ensemble_loss", "expected_loss"])) == {
+        ("test", "expected_loss")}

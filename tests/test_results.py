@@ -99,7 +99,7 @@ def test_round_trip_two_cells(tmp_path):
     assert records.loc[records["width"] == 4, "eps"].eq(0.1).all()
 
     manifest = load_manifest(tmp_path / "a" / "b")
-    assert manifest["config"] == CONFIG and manifest["format_version"] == 2
+    assert manifest["config"] == CONFIG and manifest["format_version"] == 3
     assert manifest["identity"] == {"model": {"depth": 1}, "train": {}}
     assert manifest["data_fingerprint"] == FINGERPRINT
     assert manifest["created"] and manifest["updated"]
