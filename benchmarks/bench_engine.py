@@ -143,7 +143,7 @@ def regime_overhead(width: int, data, steps: int) -> dict[str, float]:
     return out
 
 
-def _seconds(fn, args, repeats: int = 3) -> float:
+def _seconds(fn, args, repeats: int = 5) -> float:
     """Best-of wall seconds of a jitted call (compiled and warmed up first)."""
     compiled = jax.jit(fn).lower(*args).compile()
     jax.block_until_ready(compiled(*args))

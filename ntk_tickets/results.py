@@ -708,14 +708,14 @@ class ResultsStore:
 
     def _check_same_study(self, old: Mapping[str, Any], config: Mapping[str, Any],
                           data_fingerprint: str | None, x64: bool) -> None:
-        from ntk_tickets.config import identity_differences, study_identity
+        from ntk_tickets.config import CELL_FIELDS, identity_differences, study_identity
 
         old_fingerprint = old.get("data_fingerprint")
         fields = identity_differences(old["identity"], study_identity(config))
         if fields:
             what = (f"another study: {', '.join(fields)} differ"
-                    f"{'s' if len(fields) == 1 else ''} (only model.widths, train.seeds and "
-                    "name may change in one folder)")
+                    f"{'s' if len(fields) == 1 else ''} (only {', '.join(CELL_FIELDS[1:])} "
+                    "and name may change in one folder)")
         elif old_fingerprint and data_fingerprint and old_fingerprint != data_fingerprint:
             what = f"other data (fingerprint {old_fingerprint}, this data {data_fingerprint})"
         elif old.get("x64") is not None and old["x64"] != x64:

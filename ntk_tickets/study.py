@@ -14,6 +14,7 @@ import functools
 import hashlib
 import importlib.resources
 import os
+import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ from ntk_tickets.config import (
     cell_factors,
     config_to_dict,
     factor_tag,
+    factor_values,
     load_config,
     with_factors,
 )
@@ -88,7 +90,7 @@ def preset_runtime(name: str) -> str:
     marker = "Runtime on 2 CPU cores:"
     if marker not in text:
         return ""
-    return text.split(marker, 1)[1].split(".")[0].split(" (")[0].strip()
+    return re.split(r"\.(?:\s|$)", text.split(marker, 1)[1])[0].split(" (")[0].strip()
 
 
 def resolve_config(spec: str, overrides: Sequence[str] = ()) -> StudyConfig:
@@ -320,6 +322,9 @@ def run_study(cfg: StudyConfig, out_dir: str | Path, *, force: bool = False,
         progress = Progress(list(costs.values()), len(report.skipped),
                             bar=False if log else None)
         say = log or progress.log
+        note = closed_form_note(cfg)
+        if note and todo:
+            say(note)
         if report.skipped:
             say(f"{len(report.skipped)} cells already done in {out_dir}: "
                 f"{', '.join(report.skipped)} (use --force to recompute)")
@@ -350,6 +355,22 @@ def _factor_text(cell: Cell) -> str:
     """``, mup, output_scale 10``: the factor values that the study varies."""
     return "".join(f", {c} {v}" if not isinstance(v, str) else f", {v}"
                    for c, v in cell.factors)
+
+
+def closed_form_note(cfg: StudyConfig) -> str:
+    """One line saying which requested closed-form paths (entk, ntk, nngp) the study skips,
+    and why; empty when none is skipped."""
+    closed = [p for p in ("entk", "ntk", "nngp") if p in cfg.paths]
+    if not closed:
+        return ""
+    if cfg.train.loss != "mse":
+        return (f"paths {', '.join(closed)} are skipped: cross-entropy has no closed form "
+                "(the linear path covers the tangent-space picture)")
+    if "mup" in factor_values(cfg.model.parameterization):
+        return (f"paths {', '.join(closed)} are skipped in the mup cells: the infinite-width "
+                "limit of µP is not a kernel (its features keep learning), and its per-layer "
+                "learning rates change even the linearized model's kernel; linear is run")
+    return ""
 
 
 def _execute(cfg: StudyConfig, todo: Sequence[Cell], x64: bool, data: Dataset,

@@ -1,6 +1,8 @@
 """Lazy and rich regimes: µP against a hand-built reference from the published tables, the
 width scaling of the feature change, and the output scale α with centring."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -281,3 +283,45 @@ def test_a_format_2_folder_is_read_and_grown(tmp_path):
     assert grown.groupby("parameterization").size().to_dict() == {
         "standard": len(before), "mup": len(before)}
     assert json.loads((folder / "manifest.json").read_text())["format_version"] == 3
+
+
+def test_a_ticket_study_runs_under_each_parameterization_and_keeps_its_masks(tmp_path):
+    """Tickets accept the regime knobs: the IMP search trains µP's function with its rates,
+    and the masks of each parameterization are kept apart (load_masks picks by factor)."""
+    from ntk_tickets import UserInputError
+    from ntk_tickets.config import TicketsConfig
+    from ntk_tickets.results import load_masks, load_records
+    from ntk_tickets.study import run_study
+
+    cfg = StudyConfig(
+        data=DataConfig(name="teacher", n_train=16, n_test=16, input_dim=4),
+        model=ModelConfig(depth=1, widths=(16,), base_width=8,
+                          parameterization=("ntk", "mup")),
+        train=TrainConfig(steps=5, seeds=(0,), log_points=3),
+        tickets=TicketsConfig(rounds=1, prune_fraction=0.5, search_path="both",
+                              controls=("random",)),
+        paths=("exact", "linear"), metrics=("loss",))
+    run_study(cfg, tmp_path, log=lambda _: None)
+    records = load_records(tmp_path)
+    imp = records[(records["mask"] == "imp") & (records["metric"] == "loss")]
+    assert set(imp["parameterization"]) == {"ntk", "mup"}
+    masks = {p: load_masks(tmp_path, 16, "imp", 1, 0, parameterization=p) for p in ("ntk", "mup")}
+    differ = [not np.array_equal(a, b) for a, b in zip(
+        jax.tree_util.tree_leaves(masks["ntk"]), jax.tree_util.tree_leaves(masks["mup"]),
+        strict=True)]
+    assert any(differ)  # µP trains differently above its base width, so IMP prunes differently
+    with pytest.raises(UserInputError, match="several factor values"):
+        load_masks(tmp_path, 16, "imp", 1, 0)
+
+
+def test_the_run_says_which_closed_forms_mup_skips(tmp_path):
+    from ntk_tickets.results import load_records
+    from ntk_tickets.study import run_study
+
+    cfg = dataclasses.replace(_tiny(parameterization=("ntk", "mup")),
+                              paths=("exact", "ntk"), metrics=("loss",))
+    lines = []
+    run_study(cfg, tmp_path, log=lines.append)
+    assert any("ntk are skipped in the mup cells" in line for line in lines)
+    records = load_records(tmp_path)
+    assert set(records[records.path == "ntk"]["parameterization"]) == {"ntk"}
