@@ -53,6 +53,7 @@ from ntk_tickets.select import (
     factor_groups,
     final_step,
     ordered,
+    per_seed_runs,
     perturbation_runs,
     score_metric,
     seed_stats,
@@ -489,7 +490,7 @@ def _regime_figures(records: pd.DataFrame) -> dict[str, Figure]:
     from ntk_tickets import regime_figures
 
     figures: dict[str, Figure] = {}
-    dense = records[(records["mask"] == "dense") & (records["seed"] >= 0)]
+    dense = per_seed_runs(records[records["mask"] == "dense"])
     held = [m for m in REGIME_METRICS if (dense["metric"] == m).any()]
     for factor in varying_factors(records):
         if dense["width"].nunique() >= 2:

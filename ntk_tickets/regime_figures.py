@@ -34,6 +34,7 @@ from ntk_tickets.select import (
     factor_label,
     final_step,
     ordered,
+    per_seed_runs,
     seed_stats,
     training_runs,
     varying_factors,
@@ -44,8 +45,6 @@ if TYPE_CHECKING:
 
 #: Line style of each trained path in the regime figures.
 _STYLE = {"exact": "-", "linear": "--", "entk": ":"}
-#: The seed value of records that summarize a cell's seeds (ensemble metrics).
-ENSEMBLE_SEED = -1
 
 
 def _final(records: pd.DataFrame, metric: str, split: str) -> pd.DataFrame:
@@ -74,7 +73,7 @@ def factor_vs_width(records: pd.DataFrame, metric: str, factor: str, *,
     """
     rows, held = _at_reference(records, factor)
     rows = _final(rows, metric, split or _split_of(records, metric))
-    rows = rows[np.isfinite(rows["value"]) & (rows["value"] > 0) & (rows["seed"] >= 0)]
+    rows = per_seed_runs(rows[np.isfinite(rows["value"]) & (rows["value"] > 0)])
     if rows.empty:
         raise ValueError(f"no positive final values of {metric!r}")
     fig = Figure(figsize=(5.8, 4.4), layout="constrained")
@@ -128,7 +127,7 @@ def output_scale_curves(records: pd.DataFrame, metric: str, *,
       ValueError: when the records hold no final values of ``metric``.
     """
     rows = _final(records, metric, split or _split_of(records, metric))
-    rows = rows[np.isfinite(rows["value"]) & (rows["seed"] >= 0)]
+    rows = per_seed_runs(rows[np.isfinite(rows["value"])])
     if rows.empty:
         raise ValueError(f"no final values of {metric!r}")
     parameterizations = sorted(rows["parameterization"].unique())
@@ -184,7 +183,7 @@ def infinite_width_comparison(records: pd.DataFrame) -> Figure:
     ensemble = _final(records, "ensemble_loss", "test")
     fig = Figure(figsize=(10.5, 4.3), layout="constrained")
     axes = fig.subplots(1, 2, sharey=True)
-    panels = ((axes[0], loss[loss["seed"] >= 0], expected, "one network (mean over seeds)",
+    panels = ((axes[0], per_seed_runs(loss), expected, "one network (mean over seeds)",
                "expected loss over initializations"),
               (axes[1], ensemble, loss, "seed-averaged prediction", "loss of the ensemble mean"))
     for ax, finite, infinite, finite_label, infinite_label in panels:
@@ -200,7 +199,7 @@ def infinite_width_comparison(records: pd.DataFrame) -> Figure:
                        label=f"{path}: {infinite_label}")
             if finite_label.startswith("seed-averaged") and (expected["path"] == path).any():
                 # An ensemble of S networks keeps 1/S of the variance term.
-                n_seeds = loss.loc[loss["seed"] >= 0, "seed"].nunique()
+                n_seeds = per_seed_runs(loss)["seed"].nunique()
                 spread = expected.loc[expected["path"] == path, "value"].mean() - value
                 ax.axhline(value + spread / n_seeds, color=_path_color(path), linestyle=":",
                            label=f"{path}: expected loss of a {n_seeds}-seed ensemble")
@@ -239,7 +238,7 @@ def double_descent(records: pd.DataFrame) -> Figure:
             ax.axhline(loss.loc[loss["path"] == path, "value"].mean(), color=_path_color(path),
                        linestyle="-.", label=f"{path} (infinite width)")
             continue
-        s = seed_stats(loss[(loss["path"] == path) & (loss["seed"] >= 0)], ["width"])
+        s = seed_stats(per_seed_runs(loss[loss["path"] == path]), ["width"])
         _errorbar(ax, s.assign(x=s["width"].map(ratio)), "x", color=_path_color(path),
                   linestyle=_STYLE.get(path, "-"), label=f"{path}, one network")
         e = ensemble[ensemble["path"] == path].groupby("width")["value"].mean()

@@ -27,6 +27,7 @@ import numpy as np
 
 from ntk_tickets.config import CONTROLS, PATHS
 from ntk_tickets.config import FACTOR_COLUMNS as _FACTOR_COLUMNS
+from ntk_tickets.metrics import ENSEMBLE_SEED
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -113,6 +114,12 @@ def factor_groups(records: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
 def factor_label(factors: dict) -> str:
     """``{"parameterization": "mup", "output_scale": 10.0}`` → ``"mup, output_scale 10"``."""
     return ", ".join(v if isinstance(v, str) else f"{c} {v:g}" for c, v in factors.items())
+
+
+def per_seed_runs(records: pd.DataFrame) -> pd.DataFrame:
+    """The records of single networks: without the rows of metrics over a cell's ensemble
+    of seeds (``seed ==`` :data:`~ntk_tickets.metrics.ENSEMBLE_SEED`)."""
+    return records[records["seed"] != ENSEMBLE_SEED]
 
 
 def training_runs(records: pd.DataFrame) -> pd.DataFrame:
