@@ -71,6 +71,13 @@ def test_unknown_preset(tmp_path, monkeypatch, capsys):
     ("model.widthz=[64]", "widthz"),
     ("train.steps=many", "train.steps must be an integer"),
     ("model.widths=64", "model.widths"),
+    ("model.parameterization='mu'", "model.parameterization = 'mu' is not allowed"),
+    ("model.parameterization=[]", "model.parameterization must not be empty"),
+    ("model.output_scale=0", "model.output_scale must be > 0"),
+    ("model.output_scale=[1, 1]", "model.output_scale lists 1.0 more than once"),
+    ("data.label_noise=1.5", "data.label_noise is a fraction"),
+    ("train.closed_form_time='never'", "train.closed_form_time = 'never' is not allowed"),
+    ("train.ridge=-1", "train.ridge must be >= 0"),
 ])
 def test_bad_override_leaves_existing_results_untouched(study, capsys, override, fragment):
     config, folder = study

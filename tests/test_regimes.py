@@ -325,3 +325,20 @@ def test_the_run_says_which_closed_forms_mup_skips(tmp_path):
     assert any("ntk are skipped in the mup cells" in line for line in lines)
     records = load_records(tmp_path)
     assert set(records[records.path == "ntk"]["parameterization"]) == {"ntk"}
+
+
+def test_seeds_are_not_added_to_a_width_whose_cell_records_an_ensemble(tmp_path):
+    """An ensemble metric averages over one cell's seeds: a second cell at the same width
+    would hold another ensemble, so adding seeds there is refused, naming what to do, and
+    the folder is left as it was."""
+    from ntk_tickets import UserInputError
+    from ntk_tickets.study import run_study
+
+    cfg = dataclasses.replace(_tiny(), metrics=("loss", "ensemble_loss"))
+    run_study(cfg, tmp_path, log=lambda _: None)
+    before = sorted(p.name for p in (tmp_path / "cells").iterdir())
+    grown = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seeds=(0, 1)))
+    with pytest.raises(UserInputError, match=r"ensemble_loss average\(s\) over the seeds "
+                                             r"of one cell, and width 8 already has seeds \[0\]"):
+        run_study(grown, tmp_path, log=lambda _: None)
+    assert sorted(p.name for p in (tmp_path / "cells").iterdir()) == before
