@@ -19,7 +19,7 @@ _EXPORTS = {
     "TrainConfig": "config", "TicketsConfig": "config", "load_config": "config",
     "with_overrides": "config", "config_from_dict": "config", "config_to_dict": "config",
     "config_hash": "config", "parse_override": "config", "cell_factors": "config",
-    "with_factors": "config",
+    "with_factors": "config", "EscapeConfig": "config",
     # registries: one entry per metric, ticket method, architecture, optimizer, dataset
     "METRICS": "metrics", "Metric": "metrics", "TICKET_METHODS": "ticket_methods",
     "ARCHITECTURES": "architectures", "OPTIMIZERS": "optimizers", "LOSSES": "optimizers",
@@ -47,6 +47,15 @@ _EXPORTS = {
     "study_figures": "plotting", "save_figures": "plotting",
     "factor_vs_width": "regime_figures", "output_scale_curves": "regime_figures",
     "infinite_width_comparison": "regime_figures", "double_descent": "regime_figures",
+    # escape dimensions: Hessians, neuron embeddings, census tables and figures
+    "hessian_eigenvalues": "hessian", "lanczos_eigenvalues": "hessian",
+    "smallest_eigenvalue": "hessian", "split_neuron": "hessian",
+    "add_inactive_neuron": "hessian", "run_escape_width": "escape",
+    "split_matrix": "escape", "distinct_units": "escape", "wilson_interval": "escape",
+    "lottery_prediction": "escape", "lottery_table": "escape", "escape_table": "escape",
+    "escape_summary": "escape", "success_vs_width": "escape_figures",
+    "escape_fractions": "escape_figures", "split_spectrum": "escape_figures",
+    "split_spectra": "escape_figures", "escape_study_figures": "escape_figures",
     "UserInputError": "errors",
 }
 

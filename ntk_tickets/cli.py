@@ -14,7 +14,9 @@ Commands available now:
 * ``ntk-tickets demo [--out DIR] [--force]`` — the ``demo`` and ``demo-tickets`` presets into
   ``results/demo/paired`` and ``results/demo/tickets``, with summary tables and figures.
 * ``ntk-tickets summarize DIR`` — the scaling-exponent table (log–log slope against width
-  with a 95 % interval over seeds), printed and written to ``DIR/summary.csv``.
+  with a 95 % interval over seeds), printed and written to ``DIR/summary.csv``; for an
+  escape study the census and lottery table (``summary.csv``) and the escape test
+  (``escape.csv``).
 * ``ntk-tickets plot DIR`` — the standard figures as PNG under ``DIR/figures/``.
 
 Exit status: 0 on success, 2 with one line on stderr for a user mistake (a bad field,
@@ -80,7 +82,12 @@ def _run(spec: str, overrides: Sequence[str], out: str | None, force: bool,
     out_dir = Path(out) if out else Path("results") / cfg.name
     report = run_study(cfg, out_dir, force=force, **executor_options)
     records = load_records(out_dir)
-    print(width_table(records))
+    if cfg.escape is not None:
+        from ntk_tickets.escape import escape_summary
+
+        print(escape_summary(records, cfg.data.teacher_width, cfg.escape.eig_tolerance))
+    else:
+        print(width_table(records))
     if cfg.tickets is not None:
         print(ticket_table(records))
     print(f"results: {out_dir}/records.parquet, manifest: {out_dir}/manifest.json "
@@ -110,11 +117,28 @@ def _cmd_demo(args: argparse.Namespace) -> None:
         _figures(folder)
 
 
+def _summarize_escape(folder: Path, records, config: dict) -> None:
+    from ntk_tickets.escape import escape_summary, escape_table, lottery_table
+    from ntk_tickets.results import save_output
+
+    teacher_width = config["data"]["teacher_width"]
+    eig_tolerance = config["escape"]["eig_tolerance"]
+    print(escape_summary(records, teacher_width, eig_tolerance))
+    for name, table in (("summary.csv", lottery_table(records, teacher_width)),
+                        ("escape.csv", escape_table(records, eig_tolerance))):
+        path = save_output(folder / name, table.to_csv(index=False).encode())
+        print(f"{name.removesuffix('.csv')}: {path}")
+
+
 def _cmd_summarize(args: argparse.Namespace) -> None:
-    from ntk_tickets.results import load_records, save_output
+    from ntk_tickets.results import load_manifest, load_records, save_output
     from ntk_tickets.scaling import format_scaling_table, scaling_table
 
     records = load_records(args.dir)
+    config = load_manifest(args.dir)["config"]
+    if config.get("escape") is not None:
+        _summarize_escape(Path(args.dir), records, config)
+        return
     table = scaling_table(records, ci_method=args.ci_method, n_boot=args.n_boot)
     interval = ("Student t over the per-seed slopes" if args.ci_method == "t"
                 else f"{args.n_boot} bootstrap resamples of the seeds")

@@ -1,9 +1,10 @@
 """Typed, frozen study configuration: TOML in, validated dataclasses out.
 
-A study config has the sections ``[data]``, ``[model]``, ``[train]`` and (for mask studies)
-``[tickets]``, plus the top-level keys ``name``, ``paths``, ``metrics`` and ``probe_size``.
-Every field is checked on construction; an error names the dotted field (``train.loss``)
-and the allowed values. Lists become tuples so configs are hashable and immutable.
+A study config has the sections ``[data]``, ``[model]``, ``[train]``, and ``[tickets]``
+(mask studies) or ``[escape]`` (the escape-dimensions study), plus the top-level keys
+``name``, ``paths``, ``metrics`` and ``probe_size``. Every field is checked on
+construction; an error names the dotted field (``train.loss``) and the allowed values.
+Lists become tuples so configs are hashable and immutable.
 
 Example::
 
@@ -39,6 +40,8 @@ FACTOR_COLUMNS = tuple(f.rsplit(".", 1)[-1] for f in FACTOR_FIELDS)
 PATHS = ("exact", "linear", "entk", "ntk", "nngp")
 TICKET_SCOPES = ("global", "layer")
 CONTROLS = ("random", "reinit", "shuffle")
+TEACHER_WEIGHTS = ("gaussian", "orthonormal")
+HESSIAN_METHODS = ("exact", "lanczos")
 SEARCH_PATHS = ("exact", "linear", "both")
 # Registries that name allowed values, as "module:attribute" (imported when first checked).
 DATASETS = "ntk_tickets.data:DATASETS"
@@ -49,6 +52,7 @@ SCHEDULES = "ntk_tickets.optimizers:SCHEDULES"
 LOSSES = "ntk_tickets.optimizers:LOSSES"
 METRICS = "ntk_tickets.metrics:METRICS"
 TICKET_METHODS = "ntk_tickets.ticket_methods:TICKET_METHODS"
+TEACHER_ACTIVATIONS = "ntk_tickets.data:TEACHER_ACTIVATIONS"
 #: Metrics recorded when ``metrics`` is not given.
 DEFAULT_METRICS = ("loss", "accuracy", "weight_change", "feature_change", "function_gap",
                    "ntk_change", "ntk_init_error", "variance", "expected_loss")
@@ -69,7 +73,8 @@ class DataConfig:
     """Which data, how much, and how it is made.
 
     ``teacher``: Gaussian inputs of ``input_dim`` dimensions, targets from a random teacher
-    MLP (``teacher_width``, ``teacher_depth``) plus ``noise``. ``sine``: 1-D regression of
+    MLP (``teacher_width``, ``teacher_depth``, ``teacher_activation``, ``teacher_weights``)
+    plus ``noise``. ``sine``: 1-D regression of
     sin on [-π, π] plus ``noise``. ``digits``: scikit-learn's 8×8 digits. ``mnist1d``: the
     mnist1d generator run locally. ``npz`` / ``idx``: files given by ``path``.
     """
@@ -82,6 +87,12 @@ class DataConfig:
     input_dim: int = _field(8, minimum=1, doc="teacher input dimension")
     teacher_width: int = _field(64, minimum=1)
     teacher_depth: int = _field(2, minimum=1)
+    teacher_activation: str = _field("tanh", choices=TEACHER_ACTIVATIONS)
+    teacher_weights: str = _field(
+        "gaussian", choices=TEACHER_WEIGHTS,
+        doc="gaussian: N(0, 1/fan_in) weights; orthonormal: orthonormal incoming weight "
+            "vectors and unit readout weights (Safran & Shamir 2018; needs teacher_width "
+            "<= input_dim)")
     noise: float = _field(0.0, minimum=0.0, doc="std of Gaussian label noise (teacher, sine)")
     label_noise: float = _field(0.0, minimum=0.0,
                                 doc="fraction of training labels replaced by uniformly random "
@@ -94,6 +105,12 @@ class DataConfig:
 
     def __post_init__(self):
         _validate_fields(self, "data")
+        if (self.name == "teacher" and self.teacher_weights == "orthonormal"
+                and self.teacher_width > self.input_dim):
+            raise UserInputError(
+                f"data.teacher_weights = 'orthonormal' needs teacher_width <= input_dim, got "
+                f"{self.teacher_width} > {self.input_dim}: raise data.input_dim or use "
+                "'gaussian'")
         if self.label_noise > 1.0:
             raise UserInputError(f"data.label_noise is a fraction of the training labels: it "
                                  f"must be in [0, 1], got {self.label_noise}")
@@ -188,6 +205,42 @@ class TicketsConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class EscapeConfig:
+    """The escape-dimensions study (:mod:`ntk_tickets.escape`): a census of one-hidden-layer
+    students of a teacher, the escape test of their stuck minima, and the lottery prediction
+    measured beside it. Training: ``train.optimizer`` for ``train.steps``, then
+    Levenberg–Marquardt for at most ``polish_steps``."""
+
+    tolerance: float = _field(1e-10, minimum=0.0,
+                              doc="success: training loss / target variance below this")
+    grad_tolerance: float = _field(1e-7, minimum=0.0,
+                                   doc="critical point: ‖∇ relative loss‖ below this")
+    eig_tolerance: float = _field(1e-6, minimum=0.0,
+                                  doc="a minimum: λ_min >= −eig_tolerance·λ_max")
+    polish_steps: int = _field(300, minimum=0, doc="Levenberg–Marquardt iterations at most")
+    split_mu: tuple[float, ...] = _field((-0.5, 0.5, 1.5),
+                                         doc="output-weight shares μ of a split unit")
+    add_neurons: int = _field(2, minimum=1, doc="the escape test adds k = 1…add_neurons units")
+    hessian: str = _field("exact", choices=HESSIAN_METHODS)
+    lanczos_iters: int = _field(64, minimum=2, doc="Lanczos steps when hessian = lanczos")
+    noise: float = _field(1e-5, minimum=0.0, doc="std of the noise added to an embedded "
+                                                  "minimum before it is retrained")
+    subnetworks: int = _field(2, minimum=0, doc="random teacher_width-unit subnetworks of "
+                                                 "each seed's θ0 trained alone (p_sub)")
+    tickets: bool = _field(True, doc="retrain the top-|a|·‖w‖ units of successful wide "
+                                      "students alone, and perturb them in place")
+    perturb_eps: tuple[float, ...] = _field((0.0, 1.0), minimum=0.0,
+                                            doc="ε of the rest of the network around a ticket")
+    cluster_tolerance: float = _field(1e-3, minimum=0.0,
+                                      doc="two units are one if 1 − |cos| of their incoming "
+                                          "vectors is below this (Expand-and-Cluster)")
+
+    def __post_init__(self):
+        _validate_fields(self, "escape")
+        _check_nonempty("escape.split_mu", self.split_mu)
+
+
+@dataclasses.dataclass(frozen=True)
 class StudyConfig:
     """A whole study: data, model, training, optional tickets, and what to run and record."""
 
@@ -196,6 +249,7 @@ class StudyConfig:
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     tickets: TicketsConfig | None = None
+    escape: EscapeConfig | None = None
     paths: tuple[str, ...] = _field(PATHS, choices=PATHS)
     metrics: tuple[str, ...] = _field(DEFAULT_METRICS, choices=METRICS)
     probe_size: int = _field(32, minimum=1, doc="inputs on which NTKs are compared")
@@ -213,6 +267,8 @@ class StudyConfig:
             )
         if self.tickets is not None:
             _check_tickets(self.tickets, self.paths, self.train.steps)
+        if self.escape is not None:
+            _check_escape(self)
         if self.train.batch_size > self.data.n_train:
             raise UserInputError(
                 f"train.batch_size ({self.train.batch_size}) exceeds data.n_train "
@@ -247,6 +303,25 @@ def _check_tickets(t: TicketsConfig, paths: Sequence[str], steps: int) -> None:
         raise UserInputError(
             f"tickets.rewind_step ({t.rewind_step}) is after the last training step "
             f"(train.steps = {steps})")
+
+
+def _check_escape(cfg: StudyConfig) -> None:
+    """The escape study trains one-hidden-layer MLP students of a teacher with MSE."""
+    needs = [("data.name", "teacher"), ("model.arch", "mlp"), ("model.depth", 1),
+             ("train.loss", "mse"), ("train.x64", True), ("paths", ("exact",)),
+             ("tickets", None)]
+    for field, value in needs:
+        if _get(cfg, field) != value:
+            raise UserInputError(
+                f"the [escape] study needs {field} = {value!r} (one-hidden-layer students of "
+                f"a teacher, trained to zero loss), got {_get(cfg, field)!r}")
+    for field in FACTOR_FIELDS:
+        if len(factor_values(_get(cfg, field))) > 1:
+            raise UserInputError(f"the [escape] study takes one value of {field}, got "
+                                 f"{list(_get(cfg, field))}: run one study per value")
+    if cfg.model.parameterization == "standard":
+        raise UserInputError("the [escape] study embeds minima into wider students, which "
+                             "needs model.parameterization = 'ntk' or 'mup', got 'standard'")
 
 
 def _get(cfg: Any, dotted: str) -> Any:
@@ -382,8 +457,9 @@ def config_from_dict(values: Mapping[str, Any]) -> StudyConfig:
 def config_to_dict(cfg: StudyConfig) -> dict[str, Any]:
     """The config as nested plain values (lists, not tuples); ``tickets`` omitted if None."""
     out = dataclasses.asdict(cfg)
-    if out["tickets"] is None:
-        del out["tickets"]
+    for section in ("tickets", "escape"):
+        if out[section] is None:
+            del out[section]
     return json.loads(json.dumps(out))
 
 
@@ -479,7 +555,10 @@ def identity_differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list
     added to ntk-tickets after ``old`` was written, and the default keeps the old behaviour,
     so a later version can still grow an earlier study.
     """
-    defaults = study_identity(config_to_dict(StudyConfig(tickets=TicketsConfig())))
+    # (an [escape] section is valid only with a teacher: its defaults are added apart)
+    escape = json.loads(json.dumps(dataclasses.asdict(EscapeConfig())))
+    defaults = study_identity({**config_to_dict(StudyConfig(tickets=TicketsConfig())),
+                               "escape": escape})
     old, new = study_identity(old), study_identity(new)  # fields that became cell factors
     return [field for field in differing_fields(old, new)
             if not (_dotted(old, field) is _ABSENT

@@ -4,9 +4,11 @@ Every dataset is made or read locally (no downloads) and drawn from ``np.random.
 generators seeded by ``cfg.seed``; no dataset changes global RNG state (``np.random``,
 ``random``). Inputs keep their natural shape (MLPs flatten, CNNs need the channel axis):
 
-- ``teacher``: x ~ N(0, I) of shape (n, input_dim); y = f(x), shape (n, 1), from a random tanh
-  MLP f with ``teacher_depth`` hidden layers of ``teacher_width`` units and N(0, 1/fan_in)
-  weights, drawn from the seed alone (so it does not depend on n) and scaled so that
+- ``teacher``: x ~ N(0, I) of shape (n, input_dim); y = f(x), shape (n, 1), from a random MLP
+  f with ``teacher_depth`` hidden layers of ``teacher_width`` units, activation
+  ``teacher_activation`` (tanh, erf, softplus, relu) and N(0, 1/fan_in) weights (or, with
+  ``teacher_weights = "orthonormal"``, orthonormal incoming weight vectors and unit readout
+  weights), drawn from the seed alone (so it does not depend on n) and scaled so that
   E[f(x)²] ≈ 1. Regression.
 - ``sine``: x ~ U[-π, π] of shape (n, 1); y = sin(x), shape (n, 1). Regression.
 - ``digits``: scikit-learn's bundled 8×8 digits as (n, 8, 8, 1), pixels scaled to [0, 1],
@@ -346,14 +348,46 @@ def _regression_source(description: str, cfg: DataConfig, rng: np.random.Generat
                                     (x[cfg.n_train:], y[cfg.n_train:])))
 
 
-def _teacher_source(cfg: DataConfig, rng: np.random.Generator) -> _Source:
-    """Gaussian inputs (n, input_dim), targets (n, 1) from a random tanh teacher MLP."""
+#: Teacher activations (``data.teacher_activation``), as NumPy functions.
+TEACHER_ACTIVATIONS: Registry = Registry("data.teacher_activation")
+TEACHER_ACTIVATIONS.register("tanh", np.tanh)
+TEACHER_ACTIVATIONS.register("relu", lambda z: np.maximum(z, 0.0))
+TEACHER_ACTIVATIONS.register("softplus", lambda z: np.logaddexp(0.0, z))
+
+
+@TEACHER_ACTIVATIONS.register("erf")
+def _erf(z: np.ndarray) -> np.ndarray:
+    from scipy.special import erf
+
+    return erf(z)
+
+
+def _teacher_weights(cfg: DataConfig, rng: np.random.Generator) -> list[np.ndarray]:
+    """The teacher's weight matrices (fan_in, fan_out), input layer first.
+
+    ``gaussian``: N(0, 1/fan_in) entries. ``orthonormal``: each hidden layer's incoming
+    weight vectors are orthonormal (a Haar-random orthogonal matrix's first columns; this needs
+    the layer no wider than its input) and the readout weights are 1, so the targets are
+    Σ_i φ(w_i·h) (Safran & Shamir 2018).
+    """
     fan = [cfg.input_dim] + [cfg.teacher_width] * cfg.teacher_depth + [1]
-    weights = [rng.standard_normal((a, b)) / np.sqrt(a) for a, b in itertools.pairwise(fan)]
+    if cfg.teacher_weights == "gaussian":
+        return [rng.standard_normal((a, b)) / np.sqrt(a) for a, b in itertools.pairwise(fan)]
+    hidden = []
+    for a, b in itertools.pairwise(fan[:-1]):
+        q, r = np.linalg.qr(rng.standard_normal((a, a)))
+        hidden.append((q * np.sign(np.diag(r)))[:, :b])  # Haar: fix QR's sign convention
+    return [*hidden, np.ones((fan[-2], 1))]
+
+
+def _teacher_source(cfg: DataConfig, rng: np.random.Generator) -> _Source:
+    """Gaussian inputs (n, input_dim), targets (n, 1) from a random teacher MLP."""
+    weights = _teacher_weights(cfg, rng)
+    phi = TEACHER_ACTIVATIONS[cfg.teacher_activation]
 
     def teacher(x: np.ndarray) -> np.ndarray:
         for w in weights[:-1]:
-            x = np.tanh(x @ w)
+            x = phi(x @ w)
         return x @ weights[-1]
 
     def sample_x(n: int) -> np.ndarray:

@@ -76,7 +76,8 @@ def _cached_dataset(data: DataConfig, loss: str, x64: bool) -> Dataset:
 
 def compute_cell(cfg: StudyConfig, width: int, x64: bool,
                  data: Dataset | None = None) -> CellOutput:
-    """Runs the cell of one width: the paired study, or the ticket study if ``cfg.tickets``.
+    """Runs the cell of one width: the paired study, the ticket study if ``cfg.tickets``, or
+    the escape study if ``cfg.escape``.
 
     Args:
       cfg: the cell's config (one value of each factor field, ``Cell.config``); its factor
@@ -90,12 +91,14 @@ def compute_cell(cfg: StudyConfig, width: int, x64: bool,
     """
     import jax
 
+    from ntk_tickets.escape import run_escape_width
     from ntk_tickets.experiments import run_paired_width
     from ntk_tickets.results import records_frame
     from ntk_tickets.tickets import run_ticket_width
 
     data = data if data is not None else _cached_dataset(cfg.data, cfg.train.loss, x64)
-    run_cell = run_paired_width if cfg.tickets is None else run_ticket_width
+    run_cell = (run_escape_width if cfg.escape is not None
+                else run_ticket_width if cfg.tickets is not None else run_paired_width)
     with jax.enable_x64(x64):
         result = run_cell(cfg, data, width)
     (factors,) = cell_factors(cfg)

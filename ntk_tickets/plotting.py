@@ -548,6 +548,19 @@ def figure_png(fig: Figure, *, dpi: int = 120) -> bytes:
     return buffer.getvalue()
 
 
+def _folder_figures(folder: Path, records: pd.DataFrame) -> dict[str, Figure]:
+    """The figures of a results folder: the escape study's
+    (:func:`ntk_tickets.escape_figures.escape_study_figures`) or :func:`study_figures`."""
+    from ntk_tickets.results import load_manifest
+
+    config = load_manifest(folder)["config"]
+    if config.get("escape") is not None:
+        from ntk_tickets.escape_figures import escape_study_figures
+
+        return escape_study_figures(folder, records, config["data"]["teacher_width"])
+    return study_figures(records)
+
+
 def save_figures(directory: str | os.PathLike, *, dpi: int = 120) -> list[Path]:
     """Writes every figure of :func:`study_figures` to ``DIR/figures/<name>.png``.
 
@@ -573,6 +586,6 @@ def save_figures(directory: str | os.PathLike, *, dpi: int = 120) -> list[Path]:
     if records.empty:
         raise UserInputError(f"results folder {str(folder)!r} has no records yet: run "
                              f"`ntk-tickets run CONFIG --out {folder}` first")
-    figures = study_figures(records)
+    figures = _folder_figures(folder, records)
     return [save_output(folder / FIGURES / f"{name}.png", figure_png(fig, dpi=dpi))
             for name, fig in figures.items()]

@@ -77,19 +77,21 @@ if TYPE_CHECKING:
 
 RECORD_COLUMNS: tuple[str, ...] = (
     "width", "seed", "path", "mask", "sparsity", "round", "step", "split", "metric", "value",
-    "eps", "experiment", "parameterization", "output_scale",
+    "eps", "experiment", "parameterization", "output_scale", "embedding", "added", "mu",
 )
 # Column kinds: "int" → int64, "float" → float64, "str" → pandas' string dtype.
 _KINDS = {
     "width": "int", "seed": "int", "path": "str", "mask": "str", "sparsity": "float",
     "round": "int", "step": "int", "split": "str", "metric": "str", "value": "float",
     "eps": "float", "experiment": "str", "parameterization": "str", "output_scale": "float",
+    "embedding": "str", "added": "int", "mu": "float",
 }
 _DTYPES = {"int": "int64", "float": "float64", "str": str}
 REQUIRED_COLUMNS: tuple[str, ...] = ("width", "seed", "path", "step", "metric", "value")
 RECORD_DEFAULTS: Mapping[str, Any] = {
     "mask": "dense", "sparsity": 0.0, "round": 0, "split": "none", "eps": math.nan,
     "experiment": "train", "parameterization": "ntk", "output_scale": 1.0,
+    "embedding": "none", "added": 0, "mu": math.nan,
 }
 
 STATUSES = ("done", "diverged", "failed")
@@ -101,13 +103,14 @@ CELLS = "cells"
 ARRAYS = "arrays"
 LOCK = ".lock"
 #: What ``ntk-tickets plot`` and ``summarize`` write next to a study (never deleted).
-DERIVED = ("figures", "summary.csv")
+DERIVED = ("figures", "summary.csv", "escape.csv")
 #: The results format; 2 added the ``experiment`` column, study identities, per-cell
 #: environments and saved masks; 3 the factor columns ``parameterization`` and
-#: ``output_scale`` (README, "Results format"). Format 2 folders are read and grown.
-FORMAT_VERSION = 3
+#: ``output_scale``; 4 the escape-test columns ``embedding``, ``added`` and ``mu`` (README,
+#: "Results format"). Format 2 and 3 folders are read and grown.
+FORMAT_VERSION = 4
 #: Older formats that are upgraded on reading (:func:`_upgrade_manifest`).
-READABLE_FORMATS = (2, FORMAT_VERSION)
+READABLE_FORMATS = (2, 3, FORMAT_VERSION)
 _TMP_SUFFIX = ".tmp"
 _TMP_NAME = re.compile(r"\.(.+)\.[0-9a-f]{8}\.tmp")
 _CELL_ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.,=+@-]{0,199}")
@@ -328,15 +331,15 @@ def _parquet_rows(path: Path) -> int:
     return pq.read_metadata(path).num_rows
 
 
-def _has_factor_columns(path: Path) -> bool:
-    """Whether a records file has the factor columns (format 3), from its footer."""
+def _has_all_columns(path: Path) -> bool:
+    """Whether a records file has every record column (format 4), from its footer."""
     import pyarrow.parquet as pq
 
     try:
         names = set(pq.read_schema(path).names)
     except _read_errors():
         return False
-    return set(FACTOR_COLUMNS) <= names
+    return set(RECORD_COLUMNS) <= names
 
 
 def _read_errors() -> tuple[type[BaseException], ...]:
@@ -406,24 +409,27 @@ def format_factors(config: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _upgrade_manifest(manifest: dict[str, Any]) -> dict[str, Any]:
-    """A format-2 manifest in the current format: every cell entry gets the factor values
-    its cell ran under (the config's, :func:`format_factors`). Its records files are upgraded
-    as they are read (:func:`_with_factors`), and ``records.parquet`` is rewritten when a
-    store opens the folder; ``upgraded_from`` keeps the old format."""
+    """An older manifest in the current format: every cell entry of format 2 gets the factor
+    values its cell ran under (the config's, :func:`format_factors`). Records files are
+    upgraded as they are read (:func:`_with_missing_columns`), and ``records.parquet`` is
+    rewritten when a store opens the folder; ``upgraded_from`` keeps the old format."""
     if manifest["format_version"] == FORMAT_VERSION:
         return manifest
-    factors = format_factors(manifest["config"])
-    for entry in manifest["cells"].values():
-        for column, value in factors.items():
-            entry.setdefault(column, value)
+    if manifest["format_version"] == 2:  # format 3 entries hold their factor values
+        factors = format_factors(manifest["config"])
+        for entry in manifest["cells"].values():
+            for column, value in factors.items():
+                entry.setdefault(column, value)
     return {**manifest, "format_version": FORMAT_VERSION,
             "upgraded_from": manifest["format_version"]}
 
 
-def _with_factors(frame: pd.DataFrame, factors: Mapping[str, Any]) -> pd.DataFrame:
-    """``frame`` with the factor columns it lacks (a format-2 records file) set to
-    ``factors``."""
-    missing = {c: v for c, v in factors.items() if c not in frame.columns}
+def _with_missing_columns(frame: pd.DataFrame, factors: Mapping[str, Any]) -> pd.DataFrame:
+    """``frame`` (an older format's records) with the columns it lacks: factor columns
+    (format 2) set to ``factors``, the escape-test columns (format 3) to their defaults
+    (:data:`RECORD_DEFAULTS`)."""
+    missing = {c: factors.get(c, RECORD_DEFAULTS.get(c)) for c in RECORD_COLUMNS
+               if c not in frame.columns}
     return frame.assign(**missing) if missing else frame
 
 
@@ -480,8 +486,10 @@ def load_records(path: str | os.PathLike) -> pd.DataFrame:
         raise UserInputError(f"{str(file)!r} does not exist: {why}")
     try:
         frame = pd.read_parquet(file)
-        if not set(FACTOR_COLUMNS) <= set(frame.columns):
-            frame = _with_factors(frame, format_factors(load_manifest(folder)["config"]))
+        if not set(FACTOR_COLUMNS) <= set(frame.columns):  # format 2
+            frame = _with_missing_columns(frame,
+                                          format_factors(load_manifest(folder)["config"]))
+        frame = _with_missing_columns(frame, {})  # format 3: the escape columns
         return _conform(frame, allow_extra=True)
     except _read_errors() as e:
         raise UserInputError(
@@ -775,7 +783,7 @@ class ResultsStore:
                 del cells[cid]
         rows = [self._cell_rows(self._owned_files(c)[0]) for c in sorted(self.done_cells())]
         if (self._records_rows() != (sum(rows) if rows else None)
-                or (rows and not _has_factor_columns(self.path / RECORDS))):
+                or (rows and not _has_all_columns(self.path / RECORDS))):
             self._write_records()
 
     def _cell_rows(self, file: Path) -> int:
@@ -818,7 +826,8 @@ class ResultsStore:
                 entry = self._manifest["cells"][cid]
                 factors = {c: entry.get(c, v) for c, v in factor_defaults().items()}
                 try:
-                    self._frames[cid] = _conform(_with_factors(pd.read_parquet(file), factors))
+                    self._frames[cid] = _conform(
+                        _with_missing_columns(pd.read_parquet(file), factors))
                 except _read_errors() as e:
                     raise UserInputError(f"cell file {str(file)!r} is corrupted ({e}): delete "
                                          "it and run again to recompute that cell") from e

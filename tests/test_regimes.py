@@ -243,46 +243,58 @@ def test_factors_are_cells_of_one_study_and_a_study_grows_along_them(tmp_path):
     np.testing.assert_array_equal(at_base["ntk"], at_base["mup"])
 
 
-def test_a_format_2_folder_is_read_and_grown(tmp_path):
-    """A folder written before factors were cells (results format 2, its parameterization
-    in the config) keeps its numbers, gets the factor columns from its config, and grows."""
+@pytest.mark.parametrize("version", [2, 3])
+def test_an_older_folder_is_read_and_grown(tmp_path, version):
+    """A folder of an older results format keeps its numbers and grows: format 2 (before
+    factors were cells: its parameterization in the config) gets the factor columns from its
+    config, and formats 2 and 3 get the escape-test columns at their defaults."""
     import json
 
     import pandas as pd
 
-    from ntk_tickets.results import FACTOR_COLUMNS, load_records
+    from ntk_tickets.results import FACTOR_COLUMNS, FORMAT_VERSION, load_records
     from ntk_tickets.study import run_study
 
     folder = tmp_path / "old"
     run_study(_tiny(parameterization="standard"), folder, log=lambda _: None)
     before = load_records(folder)
-    # Turn it into what format 2 wrote: no factor columns or entries, old cell ids.
+    # Turn it into what that format wrote: format 2 had no factor columns or entries and
+    # other cell ids; neither had the escape columns.
+    dropped = ["embedding", "added", "mu"] + (list(FACTOR_COLUMNS) if version == 2 else [])
     manifest = json.loads((folder / "manifest.json").read_text())
-    manifest["format_version"] = 2
+    manifest["format_version"] = version
+    if version == 3:  # a factor as a list, as format 3 writes a config that varies it
+        manifest["config"]["model"]["output_scale"] = [1.0]
     for cid in list(manifest["cells"]):
         entry = manifest["cells"].pop(cid)
-        for column in FACTOR_COLUMNS:
-            del entry[column]
-        old_id = cid.replace("_standard_os1", "")
+        old_id = cid
+        if version == 2:
+            for column in FACTOR_COLUMNS:
+                del entry[column]
+            old_id = cid.replace("_standard_os1", "")
         manifest["cells"][old_id] = entry
-        frame = pd.read_parquet(folder / "cells" / f"{cid}.parquet").drop(
-            columns=list(FACTOR_COLUMNS))
+        frame = pd.read_parquet(folder / "cells" / f"{cid}.parquet").drop(columns=dropped)
         (folder / "cells" / f"{cid}.parquet").unlink()
         frame.to_parquet(folder / "cells" / f"{old_id}.parquet")
-    pd.read_parquet(folder / "records.parquet").drop(columns=list(FACTOR_COLUMNS)).to_parquet(
+    pd.read_parquet(folder / "records.parquet").drop(columns=dropped).to_parquet(
         folder / "records.parquet")
     (folder / "manifest.json").write_text(json.dumps(manifest))
 
     read = load_records(folder)
     assert set(read["parameterization"]) == {"standard"}
+    assert set(read["embedding"]) == {"none"} and set(read["added"]) == {0}
+    assert read["mu"].isna().all()
     pd.testing.assert_series_equal(read["value"], before["value"])
     report = run_study(_tiny(parameterization=("standard", "mup")), folder, log=lambda _: None)
-    assert report.skipped == ["w00008_s0", "w00016_s0"]
+    old_ids = (["w00008_s0", "w00016_s0"] if version == 2
+               else ["w00008_standard_os1_s0", "w00016_standard_os1_s0"])
+    assert report.skipped == old_ids
     assert report.computed == ["w00008_mup_os1_s0", "w00016_mup_os1_s0"]
     grown = load_records(folder)
     assert grown.groupby("parameterization").size().to_dict() == {
         "standard": len(before), "mup": len(before)}
-    assert json.loads((folder / "manifest.json").read_text())["format_version"] == 3
+    assert json.loads((folder / "manifest.json").read_text())["format_version"] == (
+        FORMAT_VERSION)
 
 
 def test_a_ticket_study_runs_under_each_parameterization_and_keeps_its_masks(tmp_path):

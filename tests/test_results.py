@@ -15,6 +15,7 @@ import pytest
 
 from ntk_tickets.errors import UserInputError
 from ntk_tickets.results import (
+    FORMAT_VERSION,
     RECORD_COLUMNS,
     ResultsStore,
     _atomic_write_bytes,
@@ -99,7 +100,7 @@ def test_round_trip_two_cells(tmp_path):
     assert records.loc[records["width"] == 4, "eps"].eq(0.1).all()
 
     manifest = load_manifest(tmp_path / "a" / "b")
-    assert manifest["config"] == CONFIG and manifest["format_version"] == 3
+    assert manifest["config"] == CONFIG and manifest["format_version"] == FORMAT_VERSION
     assert manifest["identity"] == {"model": {"depth": 1}, "train": {}}
     assert manifest["data_fingerprint"] == FINGERPRINT
     assert manifest["created"] and manifest["updated"]
