@@ -39,7 +39,7 @@ FACTOR_FIELDS = ("model.parameterization", "model.output_scale")
 FACTOR_COLUMNS = tuple(f.rsplit(".", 1)[-1] for f in FACTOR_FIELDS)
 PATHS = ("exact", "linear", "entk", "ntk", "nngp")
 TICKET_SCOPES = ("global", "layer")
-CONTROLS = ("random", "reinit", "shuffle")
+CONTROLS = ("random", "reinit", "shuffle", "random_rescaled", "random_init_rescaled")
 TEACHER_WEIGHTS = ("gaussian", "orthonormal")
 HESSIAN_METHODS = ("exact", "lanczos")
 SEARCH_PATHS = ("exact", "linear", "both")
@@ -184,7 +184,14 @@ class TicketsConfig:
                               doc="path whose training drives imp/oneshot; both = compare")
     eval_paths: tuple[str, ...] = _field(("exact", "linear"), choices=("exact", "linear"),
                                          doc="paths on which every mask is trained")
-    controls: tuple[str, ...] = _field(("random", "reinit"), choices=CONTROLS)
+    controls: tuple[str, ...] = _field(
+        ("random", "reinit"), choices=CONTROLS,
+        doc="random, reinit, shuffle; random_rescaled: the random mask as its own NTK-"
+            "parameterized network (kept weights × 1/√density in the forward pass); "
+            "random_init_rescaled: only its initial weights × 1/√density")
+    rescaled: bool = _field(False, doc="also train the ticket, shuffle and reinit masks as "
+                                       "their own NTK-parameterized networks "
+                                       "(<name>_rescaled)")
     prune_biases: bool = _field(False)
     output_prune_fraction: float = _field(-1.0, minimum=-1.0,
                                           doc="rate for the output layer; -1 = same")

@@ -232,3 +232,22 @@ def perturbed_start(theta: PyTree, xi: PyTree, mask: PyTree, eps: jax.Array) -> 
     """
     return jax.tree_util.tree_map(
         lambda t, x, m: jnp.where(m, t, eps * x), theta, xi, mask)
+
+
+def ntk_rescaling(mask: PyTree, prune_biases: bool) -> PyTree:
+    """The forward multipliers c that make a masked network its own NTK parameterization.
+
+    A layer computes (σ_w/√fan_in)·x·(W ⊙ m); with a fraction ρ of its weights kept, a unit
+    sums about ρ·fan_in inputs, so its pre-activation variance at init and its share of the
+    tangent kernel shrink by ρ. Multiplying the layer's kept weights by c = 1/√ρ in the
+    forward pass, i.e. using the effective fan-in ρ·fan_in, restores both. Returns c per
+    entry (float arrays like the parameters): 1/√ρ_l on every entry of a prunable leaf l
+    that keeps a fraction 0 < ρ_l < 1, 1 elsewhere. One network, no seed axis.
+    """
+    def scale(m, ok):
+        m = np.asarray(m)
+        density = float(np.mean(m)) if m.size else 1.0
+        c = 1.0 / np.sqrt(density) if ok and 0.0 < density < 1.0 else 1.0
+        return np.full(m.shape, c, np.float64)
+
+    return jax.tree_util.tree_map(scale, mask, prunable_leaves(mask, prune_biases))

@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 #: Paths in the order (and colour order) they are shown; others follow alphabetically.
 PATH_ORDER: tuple[str, ...] = PATHS
 #: Control masks, shown after the ticket families.
-CONTROL_MASKS: tuple[str, ...] = CONTROLS
+CONTROL_MASKS: tuple[str, ...] = (*CONTROLS, "shuffle_rescaled", "reinit_rescaled")
 #: The columns of the factor fields (parameterization, output scale): one value per cell.
 FACTOR_COLUMNS: tuple[str, ...] = _FACTOR_COLUMNS
 #: The columns that identify one run's value at one step.

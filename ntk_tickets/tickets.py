@@ -23,7 +23,13 @@ One ticket cell (one width, all seeds vmapped) runs, on top of the dense network
    evaluation, and ``mask_overlap`` records the Jaccard overlap of the two masks per round.
 3. **Controls** of the first mask family, at every round: ``random`` (same per-layer
    density, random wiring), ``shuffle`` (the mask permuted within each unit), ``reinit``
-   (the same mask on fresh weights ξ from the initializer).
+   (the same mask on fresh weights ξ from the initializer). Fair controls separate *which*
+   weights from *how large* the signal is: under the NTK parameterization a layer keeping
+   a fraction ρ of its weights has ρ times the pre-activation variance and kernel share.
+   ``random_rescaled`` trains the random mask as its own NTK-parameterized network
+   (forward multiplier 1/√ρ per layer, :func:`rescaled_start`), ``random_init_rescaled``
+   only starts it from weights × 1/√ρ; ``tickets.rescaled`` trains the ticket, ``shuffle``
+   and ``reinit`` that way too (``<name>_rescaled``).
 4. **Perturbation** of the last round's ticket: the complement gets ε·ξ for each ε of
    ``tickets.perturb_eps`` (frozen, or trained with ``perturb_trainable``); mask
    experiment ``perturb`` (mask: the ticket's family), column ``eps``. ε = 0 with a frozen
@@ -50,6 +56,7 @@ import numpy as np
 from ntk_tickets import criteria, masks
 from ntk_tickets.config import StudyConfig, TicketsConfig
 from ntk_tickets.data import Dataset
+from ntk_tickets.errors import UserInputError
 from ntk_tickets.experiments import (
     CellResult,
     DenseCell,
@@ -178,14 +185,73 @@ def find_masks(cfg: StudyConfig, cell: DenseCell,
 
 def _control_masks(mask: PyTree, t: TicketsConfig, keys: jax.Array,
                    round_: int) -> dict[str, PyTree]:
-    """The ``random`` and ``shuffle`` controls of a (stacked) mask, seeded per seed/round."""
+    """The ``random`` and ``shuffle`` controls of a (stacked) mask, seeded per seed/round;
+    ``random`` also when only its rescaled variants are asked for (they share its mask)."""
     makers = {"random": masks.random_control, "shuffle": masks.shuffle_control}
+    names = [c for c in t.controls if c in makers]
+    if "random" not in names and set(t.controls) & set(_RANDOM_RESCALED):
+        names.append("random")
     out = {}
-    for j, name in enumerate(c for c in t.controls if c in makers):
+    for j, name in enumerate(names):
         def draw(i, m, j=j, name=name):
             seed = [*np.asarray(keys[i]).tolist(), _CONTROLS, round_, j]
             return makers[name](m, t.prune_biases, np.random.default_rng(seed))
         out[name] = _per_seed(draw, keys.shape[0], mask)
+    return out
+
+
+#: p in c^p, the factor by which a forward multiplier c scales a parameter's update when the
+#: network is trained in the multiplied parameters θ = c·θ': the optimizer sees ∇_θ' = c·∇_θ
+#: and its step in θ' reaches θ through c. Plain and momentum steps are linear in the
+#: gradient (p = 2); Adam's and Lion's do not grow with it (p = 1; Adam up to its ε).
+#: Weight decay is scaled along: the reparameterized network's decay of θ' is not modelled.
+RESCALED_STEP_POWER = {"sgd": 2, "momentum": 2, "adam": 1, "lion": 1}
+#: The random control's variants: trained as its own NTK-parameterized network, or only
+#: started from rescaled weights (:func:`rescaled_start`).
+_RANDOM_RESCALED = {"random_rescaled": True, "random_init_rescaled": False}
+
+
+def rescaled_start(theta: PyTree, mask: PyTree, cfg: StudyConfig, *,
+                   steps: bool = True) -> tuple[PyTree, PyTree]:
+    """``(start, update_mask)`` that train θ ⊙ m as its own NTK-parameterized network.
+
+    Every masked layer gets the forward multiplier c = 1/√density
+    (:func:`ntk_tickets.masks.ntk_rescaling`), which keeps both the pre-activation variance
+    at init and the layer's share of the tangent kernel. Training f((c ⊙ θ') ⊙ m) in θ' is
+    training θ = c ⊙ θ' from c ⊙ θ ⊙ m with each update multiplied by c^p
+    (:data:`RESCALED_STEP_POWER`), which the training program's update mask carries, so
+    the same compiled program serves it. With ``steps=False`` only the start is rescaled
+    (the forward signal at init, not the kernel's scale).
+
+    Args:
+      theta: parameters with a leading seed axis (θ_k of the dense run, or fresh weights).
+      mask: the masks, stacked over seeds like ``theta``.
+      cfg: the study config (``tickets.prune_biases``, ``train.optimizer``).
+      steps: also scale the updates.
+
+    Returns:
+      The start θ ⊙ m ⊙ c and the update mask m·c^p (m with ``steps=False``).
+    """
+    if cfg.train.optimizer not in RESCALED_STEP_POWER:
+        raise UserInputError(f"the rescaled controls know the optimizers "
+                             f"{sorted(RESCALED_STEP_POWER)}, not {cfg.train.optimizer!r}")
+    scale = _per_seed(lambda i, m: masks.ntk_rescaling(m, cfg.tickets.prune_biases),
+                      jax.tree_util.tree_leaves(mask)[0].shape[0], mask)
+    start = jax.tree_util.tree_map(lambda t, c: t * c, masks.apply_mask(theta, mask), scale)
+    if not steps:
+        return start, mask
+    power = RESCALED_STEP_POWER[cfg.train.optimizer]
+    update = jax.tree_util.tree_map(lambda m, c: m * c ** power, mask, scale)
+    return start, update
+
+
+def _rescaled_variants(control: str, t: TicketsConfig) -> dict[str, bool]:
+    """The rescaled variants of a ``random`` or ``shuffle`` control mask to train, each with
+    whether its updates are scaled too (:func:`rescaled_start`)."""
+    out = {variant: steps for variant, steps in _RANDOM_RESCALED.items()
+           if control == "random" and variant in t.controls}
+    if t.rescaled:
+        out.setdefault(f"{control}_rescaled", True)
     return out
 
 
@@ -257,6 +323,9 @@ def run_tickets(cfg: StudyConfig, cell: DenseCell,
                                                          t.prune_biases)
             evaluate(name, r, masks.apply_mask(theta_k[path], mask), mask, sparsity,
                      trained={path: trained[r]} if r in trained else None)
+            if name == first and t.rescaled:
+                evaluate(f"{name}_rescaled", r, *rescaled_start(theta_k[path], mask, cfg),
+                         sparsity)
             if name != first:
                 overlap = [masks.jaccard(_seed_slice(found[r - 1], i),
                                          _seed_slice(families[first][1][r - 1], i),
@@ -269,10 +338,17 @@ def run_tickets(cfg: StudyConfig, cell: DenseCell,
                 continue
             for control, control_mask in _control_masks(mask, t, setup.mask_keys, r).items():
                 kept[control, r] = control_mask
-                evaluate(control, r, masks.apply_mask(theta_k[path], control_mask),
-                         control_mask, sparsity)
+                if control in t.controls:
+                    evaluate(control, r, masks.apply_mask(theta_k[path], control_mask),
+                             control_mask, sparsity)
+                for variant, steps in _rescaled_variants(control, t).items():
+                    evaluate(variant, r, *rescaled_start(theta_k[path], control_mask, cfg,
+                                                         steps=steps), sparsity)
             if reinit is not None:
                 evaluate("reinit", r, masks.apply_mask(reinit, mask), mask, sparsity)
+                if t.rescaled:
+                    evaluate("reinit_rescaled", r, *rescaled_start(reinit, mask, cfg),
+                             sparsity)
     if t.perturb_eps:
         path, found, _ = families[first]
         ticket = found[-1]

@@ -132,9 +132,11 @@ def make_train_fn(fn: ModelFn, cfg: TrainConfig, record_steps: np.ndarray, *,
       training and the point of linearization), ``update_mask`` and ``batches`` (int,
       (s, steps, batch_size), or (s, 0, 0) for full batch) have a leading seed axis; ``data``
       is a dict with ``x_train``, ``y_train``, ``x_test`` and (with ``probe_kernel_fn``)
-      ``x_probe``. ``update_mask`` is a 0/1 PyTree shaped like ``params0`` or None: where it
-      is 0 the optimizer's update is replaced by exactly 0 after every transformation
-      (momentum, Adam moments, weight decay), so entries that start at 0 stay exactly 0.
+      ``x_probe``. ``update_mask`` is a PyTree shaped like ``params0`` (0/1, or a float scale
+      per entry) or None: where it is 0 the optimizer's update is replaced by exactly 0
+      after every transformation (momentum, Adam moments, weight decay), so entries that
+      start at 0 stay exactly 0; elsewhere the update is multiplied by it (a masked network
+      trained in its own NTK parameterization, :func:`ntk_tickets.tickets.rescaled_start`).
       ``rewind_step`` (int scalar, one of ``record_steps``) selects the step whose
       parameters are returned as ``params_rewind``. ``lr_factors`` (a PyTree of scalars
       shaped like one seed's parameters, or None) multiplies each parameter's update after
@@ -164,7 +166,7 @@ def make_train_fn(fn: ModelFn, cfg: TrainConfig, record_steps: np.ndarray, *,
             updates = scale_updates(updates, lr_factors)
             if update_mask is not None:
                 updates = jax.tree_util.tree_map(
-                    lambda u, m: jnp.where(m, u, jnp.zeros_like(u)), updates, update_mask)
+                    lambda u, m: jnp.where(m, u * m, jnp.zeros_like(u)), updates, update_mask)
             return optax.apply_updates(params, updates), opt_state
 
         def record(params):
@@ -251,6 +253,9 @@ class TrainingProgram:
         if rewind_step not in self.record_steps:
             raise ValueError(f"rewind_step {rewind_step} is not a recorded step "
                              f"{self.record_steps.tolist()}")
+        if update_mask is not None:  # 0/1 masks and update scales share one program
+            update_mask = jax.tree_util.tree_map(lambda m, p: jnp.asarray(m, p.dtype),
+                                                 update_mask, params0)
         args = (params0, update_mask, data, batches, jnp.asarray(rewind_step, jnp.int32),
                 self.lr_factors)
         leaves, treedef = jax.tree_util.tree_flatten(args)

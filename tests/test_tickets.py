@@ -39,7 +39,8 @@ def full_cell():
     """A cell with every ticket feature on: both searches, both eval paths, all controls,
     rewinding to step 3 and a perturbation grid."""
     cfg = _cfg("tickets.rounds=2", "tickets.prune_fraction=0.5", "tickets.search_path='both'",
-               "tickets.controls=['random','reinit','shuffle']", "tickets.rewind_step=3",
+               "tickets.controls=['random','reinit','shuffle','random_rescaled',"
+               "'random_init_rescaled']", "tickets.rescaled=true", "tickets.rewind_step=3",
                "tickets.perturb_eps=[0.0, 0.5, 1.0]")
     data = load_dataset(cfg.data, cfg.train.loss)
     cell = run_dense(cfg, data, 32)
@@ -49,10 +50,13 @@ def full_cell():
 
 def test_every_mask_round_and_path_is_recorded(full_cell):
     cfg, _, frame, info = full_cell
-    assert set(frame["mask"]) == {"imp", "imp_linear", "random", "reinit", "shuffle"}
+    families = {"imp", "imp_linear", "random", "reinit", "shuffle", "imp_rescaled",
+                "random_rescaled", "random_init_rescaled", "reinit_rescaled",
+                "shuffle_rescaled"}
+    assert set(frame["mask"]) == families
     assert set(frame["experiment"]) == {"train", "perturb"}
     trained = frame[frame.metric == "accuracy"]
-    for mask in ("imp", "imp_linear", "random", "reinit", "shuffle"):
+    for mask in families:
         for path in ("exact", "linear"):  # the 2×2 evaluation and the controls
             rounds = set(trained[(trained["mask"] == mask) & (trained.path == path)]["round"])
             assert rounds == {1, 2}, (mask, path)
