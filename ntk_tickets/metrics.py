@@ -181,11 +181,27 @@ def _weight_change(o: PathOutputs) -> Values:
     return out
 
 
+def _relative_distances(kernels: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """‖K − K_ref‖_F / ‖K_ref‖_F over the last two axes; kernels (s, r, m, m), reference
+    broadcastable to it."""
+    flat = (kernels - reference).reshape(*kernels.shape[:2], -1)
+    norm = np.linalg.norm(np.broadcast_to(reference, kernels.shape).reshape(
+        *kernels.shape[:2], -1), axis=-1)
+    return np.linalg.norm(flat, axis=-1) / norm
+
+
 def _ntk_change(o: PathOutputs) -> Values:
     """‖K_t − K_0‖_F / ‖K_0‖_F per seed and step."""
-    k0 = o.probe_kernel[:, :1]
-    diff = np.linalg.norm((o.probe_kernel - k0).reshape(*o.probe_kernel.shape[:2], -1), axis=-1)
-    return {("probe", "ntk_change"): diff / np.linalg.norm(k0.reshape(len(k0), 1, -1), axis=-1)}
+    return {("probe", "ntk_change"): _relative_distances(o.probe_kernel, o.probe_kernel[:, :1])}
+
+
+def _ntk_velocity(o: PathOutputs) -> Values:
+    """‖K_{t_i} − K_{t_{i−1}}‖_F / ‖K_{t_{i−1}}‖_F between consecutive recorded steps, per
+    seed and step (0 at the first)."""
+    k = o.probe_kernel
+    velocity = np.zeros(k.shape[:2])
+    velocity[:, 1:] = _relative_distances(k[:, 1:], k[:, :-1])
+    return {("probe", "ntk_velocity"): velocity}
 
 
 METRICS.register("loss", Metric(
@@ -207,6 +223,17 @@ METRICS.register("ntk_change", Metric(
     r"NTK change $\|\Theta_t - \Theta_0\|_F / \|\Theta_0\|_F$", _ntk_change,
     needs=("probe_kernel",), scales_with_width=True,
     doc="relative change of the empirical NTK on the probe set (exact path)"))
+METRICS.register("ntk_velocity", Metric(
+    r"NTK velocity $\|\Theta_{t_i} - \Theta_{t_{i-1}}\|_F / \|\Theta_{t_{i-1}}\|_F$",
+    _ntk_velocity, needs=("probe_kernel",),
+    doc="relative change of the empirical NTK between consecutive recorded steps (exact "
+        "path; 0 at step 0; Fort et al. 2020)"))
+METRICS.register("ntk_final_distance", Metric(
+    r"NTK distance to the final kernel $\|\Theta_t - \Theta_T\|_F / \|\Theta_T\|_F$",
+    lambda o: {("probe", "ntk_final_distance"): _relative_distances(
+        o.probe_kernel, o.probe_kernel[:, -1:])},
+    needs=("probe_kernel",), doc="relative distance of the empirical NTK at each recorded "
+                                 "step to the final one (exact path; Fort et al. 2020)"))
 METRICS.register("feature_change", Metric(
     r"feature change $\|h_t - h_0\| / \|h_0\|$",
     lambda o: {("test", "feature_change"): np.sqrt(o.feature_sq_change

@@ -184,7 +184,9 @@ def test_ticket_study_through_the_cli_prints_the_ticket_table(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "test accuracy of each mask" in out and "reinit" in out
     records = load_records(tmp_path)
-    assert set(records["mask"]) == {"dense", "imp", "random", "reinit"}
+    assert set(records["mask"]) == {"dense", "imp", "random", "reinit", "imp_rescaled",
+                                    "random_rescaled", "random_init_rescaled",
+                                    "reinit_rescaled"}
     assert set(records["round"]) == {0, 1, 2}
     manifest = load_manifest(tmp_path)
     cell = next(iter(manifest["cells"].values()))

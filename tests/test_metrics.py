@@ -117,3 +117,25 @@ def test_ensemble_metrics_average_the_seeds_and_are_nan_once_any_seed_diverged()
     infinite = dataclasses.replace(outputs, path="ntk", test_variance=np.ones((3, 4, 6)))
     assert set(path_values(infinite, ["ensemble_loss", "expected_loss"])) == {
         ("test", "expected_loss")}
+
+
+def test_ntk_velocity_and_final_distance_of_a_kernel_that_grows_linearly():
+    """K_t = (1 + t)·K_0 at steps 0, 1, 3: the velocity between consecutive steps is
+    (t_i − t_{i−1}) / (1 + t_{i−1}) = 1, 1 (0 at the first step), and the distance to the final
+    kernel |t − 3| / 4 = 3/4, 1/2, 0; ntk_change (t) agrees."""
+    from ntk_tickets.metrics import METRICS
+
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((4, 4))
+    k0 = a @ a.T
+    steps = np.array([0.0, 1.0, 3.0])
+    kernels = np.stack([(1 + steps)[:, None, None] * k0] * 2)  # two seeds
+    f = np.zeros((2, 3, 6, 3))
+    outputs = dataclasses.replace(_outputs(f, lambda f, y: np.zeros(f.shape[:-2])),
+                                  probe_kernel=kernels)
+    velocity = METRICS["ntk_velocity"].compute(outputs)["probe", "ntk_velocity"]
+    np.testing.assert_allclose(velocity, [[0, 1, 1]] * 2, atol=1e-12)
+    distance = METRICS["ntk_final_distance"].compute(outputs)["probe", "ntk_final_distance"]
+    np.testing.assert_allclose(distance, [[0.75, 0.5, 0]] * 2, atol=1e-12)
+    change = METRICS["ntk_change"].compute(outputs)["probe", "ntk_change"]
+    np.testing.assert_allclose(change, [steps] * 2, atol=1e-12)
