@@ -532,6 +532,7 @@ def run_escape_width(cfg: StudyConfig, data: Any, width: int) -> Any:
     Returns:
       A :class:`~ntk_tickets.experiments.CellResult`; its arrays hold the exact Hessian
       spectrum of the first stuck minimum before and after one split, when there is one.
+      Compile time is not separated: it is part of ``run_s`` (``compile_s`` is 0).
     """
     from ntk_tickets.experiments import CellResult
 
