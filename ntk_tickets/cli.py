@@ -65,7 +65,7 @@ def _cmd_config(args: argparse.Namespace) -> None:
 
 
 def _cmd_list(args: argparse.Namespace) -> None:
-    from ntk_tickets.study import preset_description, preset_names, preset_runtime
+    from ntk_tickets.preset_files import preset_description, preset_names, preset_runtime
 
     for name in preset_names():
         runtime = preset_runtime(name)

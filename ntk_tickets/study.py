@@ -14,7 +14,6 @@ import functools
 import hashlib
 import importlib.resources
 import os
-import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -42,6 +41,7 @@ from ntk_tickets.executors import (
 from ntk_tickets.memory import check_memory
 from ntk_tickets.metrics import METRICS
 from ntk_tickets.models import build_model, parameter_count
+from ntk_tickets.preset_files import preset_names, preset_path
 from ntk_tickets.progress import Progress
 from ntk_tickets.results import ResultsStore
 from ntk_tickets.select import (
@@ -56,43 +56,6 @@ from ntk_tickets.select import (
 )
 
 
-def preset_names() -> list[str]:
-    """Names of the shipped presets (``ntk_tickets/presets/*.toml``), sorted."""
-    files = importlib.resources.files("ntk_tickets") / "presets"
-    return sorted(f.name.removesuffix(".toml") for f in files.iterdir()
-                  if f.name.endswith(".toml"))
-
-
-def _preset_path(name: str):
-    return importlib.resources.files("ntk_tickets") / "presets" / f"{name}.toml"
-
-
-def _preset_comments(name: str) -> list[str]:
-    """The leading comment lines of a preset file, without the ``#``."""
-    lines = []
-    for line in _preset_path(name).read_text().splitlines():
-        if not line.startswith("#"):
-            break
-        lines.append(line.lstrip("#").strip())
-    return lines
-
-
-def preset_description(name: str) -> str:
-    """The first comment line of a preset file: what the preset studies, in one line."""
-    comments = _preset_comments(name)
-    return comments[0] if comments else ""
-
-
-def preset_runtime(name: str) -> str:
-    """The runtime a preset documents (its ``# Runtime on 2 CPU cores: …`` comment, up to
-    the first period or parenthesis, e.g. ``"about 2 min"``), or an empty string."""
-    text = " ".join(_preset_comments(name))
-    marker = "Runtime on 2 CPU cores:"
-    if marker not in text:
-        return ""
-    return re.split(r"\.(?:\s|$)", text.split(marker, 1)[1])[0].split(" (")[0].strip()
-
-
 def resolve_config(spec: str, overrides: Sequence[str] = ()) -> StudyConfig:
     """A preset name or a TOML path, with ``dotted.key=value`` overrides applied.
 
@@ -100,7 +63,7 @@ def resolve_config(spec: str, overrides: Sequence[str] = ()) -> StudyConfig:
       UserInputError: if ``spec`` is neither a preset nor an existing file, or a field is bad.
     """
     if spec in preset_names():
-        with importlib.resources.as_file(_preset_path(spec)) as path:
+        with importlib.resources.as_file(preset_path(spec)) as path:
             return load_config(path, overrides)
     if spec.endswith(".toml") or os.path.exists(spec):
         return load_config(spec, overrides)
