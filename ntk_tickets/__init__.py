@@ -34,7 +34,7 @@ _EXPORTS = {
     "empirical_ntk_predictions": "kernels", "infinite_width_predictions": "kernels",
     "apply_mask": "masks", "jaccard": "masks", "sparsity": "masks",
     # studies and their results
-    "run_study": "study", "resolve_config": "study", "preset_names": "preset_files",
+    "run_study": "study", "resolve_config": "preset_files", "preset_names": "preset_files",
     "width_table": "study", "ticket_table": "study", "load_records": "results",
     "load_manifest": "results", "load_masks": "results", "records_frame": "results",
     "final_step": "select", "seed_stats": "select", "score_metric": "select",

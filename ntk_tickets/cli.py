@@ -75,10 +75,12 @@ def _cmd_list(args: argparse.Namespace) -> None:
 
 def _run(spec: str, overrides: Sequence[str], out: str | None, force: bool,
          **executor_options) -> Path:
-    from ntk_tickets.results import load_records
-    from ntk_tickets.study import resolve_config, run_study, ticket_table, width_table
+    from ntk_tickets.preset_files import resolve_config
 
-    cfg = resolve_config(spec, overrides)
+    cfg = resolve_config(spec, overrides)  # bad input is refused before JAX is imported
+    from ntk_tickets.results import load_records
+    from ntk_tickets.study import run_study, ticket_table, width_table
+
     out_dir = Path(out) if out else Path("results") / cfg.name
     report = run_study(cfg, out_dir, force=force, **executor_options)
     records = load_records(out_dir)

@@ -1,14 +1,20 @@
-"""The shipped presets (``ntk_tickets/presets/*.toml``): names, descriptions, runtimes.
+"""The shipped presets (``ntk_tickets/presets/*.toml``): names, descriptions, runtimes, and
+the config a preset name or TOML path resolves to.
 
-Kept apart from :mod:`ntk_tickets.study` so that ``ntk-tickets list`` reads them without
-importing JAX or pandas (DESIGN.md §6).
+Kept apart from :mod:`ntk_tickets.study` so that ``ntk-tickets list`` and a bad ``run``
+input are answered without importing JAX or pandas (DESIGN.md §6).
 """
 
 from __future__ import annotations
 
 import importlib.resources
+import os
 import re
+from collections.abc import Sequence
 from importlib.resources.abc import Traversable
+
+from ntk_tickets.config import StudyConfig, load_config
+from ntk_tickets.errors import UserInputError
 
 
 def preset_names() -> list[str]:
@@ -47,3 +53,20 @@ def preset_runtime(name: str) -> str:
     if marker not in text:
         return ""
     return re.split(r"\.(?:\s|$)", text.split(marker, 1)[1])[0].split(" (")[0].strip()
+
+
+def resolve_config(spec: str, overrides: Sequence[str] = ()) -> StudyConfig:
+    """A preset name or a TOML path, with ``dotted.key=value`` overrides applied.
+
+    Raises:
+      UserInputError: if ``spec`` is neither a preset nor an existing file, or a field is bad.
+    """
+    if spec in preset_names():
+        with importlib.resources.as_file(preset_path(spec)) as path:
+            return load_config(path, overrides)
+    if spec.endswith(".toml") or os.path.exists(spec):
+        return load_config(spec, overrides)
+    raise UserInputError(
+        f"{spec!r} is neither a preset nor a config file; presets: "
+        f"{', '.join(preset_names())} (see `ntk-tickets list`)"
+    )

@@ -12,7 +12,6 @@ import contextlib
 import dataclasses
 import functools
 import hashlib
-import importlib.resources
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -27,7 +26,6 @@ from ntk_tickets.config import (
     config_to_dict,
     factor_tag,
     factor_values,
-    load_config,
     with_factors,
 )
 from ntk_tickets.data import Dataset, load_dataset
@@ -41,7 +39,6 @@ from ntk_tickets.executors import (
 from ntk_tickets.memory import check_memory
 from ntk_tickets.metrics import METRICS
 from ntk_tickets.models import build_model, parameter_count
-from ntk_tickets.preset_files import preset_names, preset_path
 from ntk_tickets.progress import Progress
 from ntk_tickets.results import ResultsStore
 from ntk_tickets.select import (
@@ -54,23 +51,6 @@ from ntk_tickets.select import (
     score_metric,
     training_runs,
 )
-
-
-def resolve_config(spec: str, overrides: Sequence[str] = ()) -> StudyConfig:
-    """A preset name or a TOML path, with ``dotted.key=value`` overrides applied.
-
-    Raises:
-      UserInputError: if ``spec`` is neither a preset nor an existing file, or a field is bad.
-    """
-    if spec in preset_names():
-        with importlib.resources.as_file(preset_path(spec)) as path:
-            return load_config(path, overrides)
-    if spec.endswith(".toml") or os.path.exists(spec):
-        return load_config(spec, overrides)
-    raise UserInputError(
-        f"{spec!r} is neither a preset nor a config file; presets: "
-        f"{', '.join(preset_names())} (see `ntk-tickets list`)"
-    )
 
 
 def x64_enabled(cfg: StudyConfig) -> bool:

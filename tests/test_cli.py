@@ -46,8 +46,8 @@ def test_python_dash_m_entry_point():
 
 
 def test_list_shows_every_preset_with_its_runtime(capsys):
+    from ntk_tickets import resolve_config
     from ntk_tickets.preset_files import preset_names, preset_runtime
-    from ntk_tickets.study import resolve_config
 
     assert main(["list"]) == 0
     lines = capsys.readouterr().out.splitlines()
@@ -66,8 +66,9 @@ def test_a_reader_that_stops_early_gets_no_traceback():
     assert "Traceback" not in out.stderr and "BrokenPipe" not in out.stderr, out.stderr
 
 
-@pytest.mark.parametrize("args", [["--help"], ["list"]])
-def test_help_and_list_import_neither_jax_nor_pandas(args):
+@pytest.mark.parametrize("args", [["--help"], ["list"], ["config", "nowhere.toml"],
+                                  ["run", "demo", "--set", "train.steps=x"]])
+def test_help_list_config_and_bad_input_import_neither_jax_nor_pandas(args):
     """DESIGN.md §6: the CLI imports lazily (a fresh interpreter, so nothing is cached)."""
     code = (f"import sys\nfrom ntk_tickets.cli import main\n"
             f"try:\n    main({args!r})\nexcept SystemExit:\n    pass\n"

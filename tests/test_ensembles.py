@@ -21,7 +21,7 @@ from ntk_tickets.experiments import closed_form_steps, run_dense
 from ntk_tickets.kernels import empirical_ntk_predictions, infinite_width_predictions
 from ntk_tickets.metrics import ENSEMBLE_SEED, PathOutputs, path_values
 from ntk_tickets.models import build_model
-from ntk_tickets.study import resolve_config
+from ntk_tickets.preset_files import resolve_config
 
 
 def _mse(f, y):

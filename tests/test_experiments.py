@@ -14,8 +14,9 @@ import pytest
 from ntk_tickets import with_overrides
 from ntk_tickets.cli import main
 from ntk_tickets.errors import UserInputError
+from ntk_tickets.preset_files import resolve_config
 from ntk_tickets.results import RECORD_COLUMNS, load_manifest, load_records
-from ntk_tickets.study import resolve_config, run_study, x64_enabled
+from ntk_tickets.study import run_study, x64_enabled
 
 TINY = [
     "data.name=teacher", "data.n_train=32", "data.n_test=16", "data.input_dim=4",
