@@ -77,7 +77,8 @@ def _setup(width: int, data, steps: int):
     params0 = jax.vmap(model.init)(jax.random.PRNGKey(0)[None])
     arrays = {"x_train": jnp.asarray(data.x_train), "y_train": jnp.asarray(data.y_train),
               "x_test": jnp.asarray(data.x_test)}
-    args = (params0, None, arrays, jnp.zeros((1, 0, 0), jnp.int32), jnp.asarray(0), None)
+    args = (params0, None, arrays, jnp.zeros((1, 0, 0), jnp.int32), jnp.asarray(0), None,
+            jnp.asarray(0))
     cfg = TrainConfig(steps=steps, learning_rate=0.1, seeds=(0,))
     theta0 = jax.tree_util.tree_map(lambda a: a[0], params0)
     return model, theta0, args, cfg

@@ -19,7 +19,8 @@ _EXPORTS = {
     "TrainConfig": "config", "TicketsConfig": "config", "load_config": "config",
     "with_overrides": "config", "config_from_dict": "config", "config_to_dict": "config",
     "config_hash": "config", "parse_override": "config", "cell_factors": "config",
-    "with_factors": "config", "EscapeConfig": "config",
+    "with_factors": "config", "EscapeConfig": "config", "StabilityConfig": "config",
+    "SubspaceConfig": "config",
     # registries: one entry per metric, ticket method, architecture, optimizer, dataset
     "METRICS": "metrics", "Metric": "metrics", "TICKET_METHODS": "ticket_methods",
     "ARCHITECTURES": "architectures", "OPTIMIZERS": "optimizers", "LOSSES": "optimizers",
@@ -30,7 +31,8 @@ _EXPORTS = {
     "linearize": "linear", "lr_factors": "regimes", "scaled_function": "regimes",
     # training, kernels and masks
     "TrainingProgram": "training", "setup_cell": "experiments",
-    "run_paired_width": "experiments", "empirical_ntk": "kernels", "probe_ntk": "kernels",
+    "run_paired_width": "experiments", "run_width": "cells", "empirical_ntk": "kernels",
+    "probe_ntk": "kernels",
     "empirical_ntk_predictions": "kernels", "infinite_width_predictions": "kernels",
     "apply_mask": "masks", "jaccard": "masks", "sparsity": "masks",
     # studies and their results
@@ -47,6 +49,11 @@ _EXPORTS = {
     "study_figures": "plotting", "save_figures": "plotting",
     "factor_vs_width": "regime_figures", "output_scale_curves": "regime_figures",
     "infinite_width_comparison": "regime_figures", "double_descent": "regime_figures",
+    # where tickets and tangent spaces meet: rewinding, stability, subspaces
+    "loss_barrier": "stability", "instability": "stability",
+    "rewind_sweep": "connectivity_figures", "stability_vs_time": "connectivity_figures",
+    "subspace_accuracy": "connectivity_figures", "subspace_table": "connectivity_figures",
+    "stability_table": "connectivity_figures",
     # escape dimensions: Hessians, neuron embeddings, census tables and figures
     "hessian_eigenvalues": "hessian", "lanczos_eigenvalues": "hessian",
     "smallest_eigenvalue": "hessian", "split_neuron": "hessian",

@@ -92,6 +92,7 @@ def _run(spec: str, overrides: Sequence[str], out: str | None, force: bool,
         print(width_table(records))
     if cfg.tickets is not None:
         print(ticket_table(records))
+    _summarize_connectivity(records)
     print(f"results: {out_dir}/records.parquet, manifest: {out_dir}/manifest.json "
           f"({len(report.computed)} cells computed, {len(report.skipped)} already done)")
     for cell, steps in report.diverged.items():
@@ -132,6 +133,22 @@ def _summarize_escape(folder: Path, records, config: dict) -> None:
         print(f"{name.removesuffix('.csv')}: {path}")
 
 
+def _summarize_connectivity(records) -> None:
+    """The stability table and d_int90 of the studies that have them."""
+    from ntk_tickets.connectivity_figures import stability_table, subspace_table
+
+    stability = stability_table(records)
+    if len(stability):
+        print("linear mode connectivity at the final step (mean over seeds): instability = "
+              "test error barrier, loss_barrier = train loss above the chord")
+        print(stability.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    subspace = subspace_table(records)
+    if len(subspace):
+        print("d_int90: the smallest subspace dimension reaching 90 % of the dense test "
+              "score on the same path (NaN: none of the dims did)")
+        print(subspace.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+
+
 def _cmd_summarize(args: argparse.Namespace) -> None:
     from ntk_tickets.results import load_manifest, load_records, save_output
     from ntk_tickets.scaling import format_scaling_table, scaling_table
@@ -141,6 +158,7 @@ def _cmd_summarize(args: argparse.Namespace) -> None:
     if config.get("escape") is not None:
         _summarize_escape(Path(args.dir), records, config)
         return
+    _summarize_connectivity(records)
     table = scaling_table(records, ci_method=args.ci_method, n_boot=args.n_boot)
     interval = ("Student t over the per-seed slopes" if args.ci_method == "t"
                 else f"{args.n_boot} bootstrap resamples of the seeds")

@@ -1,7 +1,8 @@
 """Typed, frozen study configuration: TOML in, validated dataclasses out.
 
-A study config has the sections ``[data]``, ``[model]``, ``[train]``, and ``[tickets]``
-(mask studies) or ``[escape]`` (the escape-dimensions study), plus the top-level keys
+A study config has the sections ``[data]``, ``[model]``, ``[train]``, optional
+``[tickets]`` (mask studies), ``[stability]`` (linear mode connectivity) and ``[subspace]``
+(subspace training), or ``[escape]`` (the escape-dimensions study), plus the top-level keys
 ``name``, ``paths``, ``metrics`` and ``probe_size``. Every field is checked on
 construction; an error names the dotted field (``train.loss``) and the allowed values.
 Lists become tuples so configs are hashable and immutable.
@@ -42,6 +43,8 @@ TICKET_SCOPES = ("global", "layer")
 CONTROLS = ("random", "reinit", "shuffle", "random_rescaled", "random_init_rescaled")
 TEACHER_WEIGHTS = ("gaussian", "orthonormal")
 HESSIAN_METHODS = ("exact", "lanczos")
+#: ``subspace.kinds``: the fixed subspaces P of θ = θ_k + P·z (:mod:`ntk_tickets.subspace`).
+SUBSPACE_KINDS = ("gaussian", "axis_random", "axis_imp", "lottery")
 SEARCH_PATHS = ("exact", "linear", "both")
 # Registries that name allowed values, as "module:attribute" (imported when first checked).
 DATASETS = "ntk_tickets.data:DATASETS"
@@ -178,7 +181,9 @@ class TicketsConfig:
     method: str = _field("imp", choices=TICKET_METHODS)
     rounds: int = _field(5, minimum=1, doc="pruning rounds; round r keeps (1 - p)^r")
     prune_fraction: float = _field(0.2, minimum=0.0, doc="p, removed per round")
-    rewind_step: int = _field(0, minimum=0, doc="tickets start from θ_k of the dense run")
+    rewind_step: int | tuple[int, ...] = _field(
+        0, minimum=0, doc="tickets start from θ_k of the dense run; a list sweeps k (one "
+                          "search and evaluation per k, records column rewind_step)")
     scope: str = _field("global", choices=TICKET_SCOPES)
     search_path: str = _field("exact", choices=SEARCH_PATHS,
                               doc="path whose training drives imp/oneshot; both = compare")
@@ -248,6 +253,47 @@ class EscapeConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class StabilityConfig:
+    """Linear mode connectivity (:mod:`ntk_tickets.stability`): at each spawn step k the
+    network is copied and two children are trained with independent minibatch orders; the
+    loss and error along the straight line between them give ``loss_barrier`` and
+    ``instability``. Tickets of a ``[tickets]`` section spawn at their rewind steps."""
+
+    spawn_steps: tuple[int, ...] = _field((0,), minimum=0,
+                                          doc="steps k at which the dense network is copied")
+    n_interp: int = _field(11, minimum=2, doc="points on the line, both endpoints included")
+
+    def __post_init__(self):
+        _validate_fields(self, "stability")
+        _check_nonempty("stability.spawn_steps", self.spawn_steps)
+
+
+@dataclasses.dataclass(frozen=True)
+class SubspaceConfig:
+    """Subspace training θ = θ_k + P·z, only z trained (:mod:`ntk_tickets.subspace`; Li et
+    al. 2018, Larsen et al. 2022), for each kind of P and dimension d."""
+
+    kinds: tuple[str, ...] = _field(("gaussian", "axis_random"), choices=SUBSPACE_KINDS,
+                                    doc="gaussian (Fastfood), axis_random, axis_imp (needs "
+                                        "[tickets] with method imp), lottery (top principal "
+                                        "directions of the dense trajectory)")
+    dims: tuple[int, ...] = _field((16, 64, 256), minimum=1, doc="subspace dimensions d")
+    start_step: int = _field(0, minimum=0, doc="k: the subspace is anchored at θ_k")
+    learning_rate: float = _field(0.0, minimum=0.0,
+                                  doc="the learning rate of z (0: train.learning_rate); a "
+                                      "d-dimensional subspace moves θ more slowly than "
+                                      "training all D parameters at the same rate")
+    snapshots: int = _field(128, minimum=2,
+                            doc="parameter snapshots of the dense run whose principal "
+                                "directions span the lottery subspace (>= max dims)")
+
+    def __post_init__(self):
+        _validate_fields(self, "subspace")
+        _check_nonempty("subspace.kinds", self.kinds)
+        _check_nonempty("subspace.dims", self.dims)
+
+
+@dataclasses.dataclass(frozen=True)
 class StudyConfig:
     """A whole study: data, model, training, optional tickets, and what to run and record."""
 
@@ -257,6 +303,8 @@ class StudyConfig:
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     tickets: TicketsConfig | None = None
     escape: EscapeConfig | None = None
+    stability: StabilityConfig | None = None
+    subspace: SubspaceConfig | None = None
     paths: tuple[str, ...] = _field(PATHS, choices=PATHS)
     metrics: tuple[str, ...] = _field(DEFAULT_METRICS, choices=METRICS)
     probe_size: int = _field(32, minimum=1, doc="inputs on which NTKs are compared")
@@ -276,6 +324,10 @@ class StudyConfig:
             _check_tickets(self.tickets, self.paths, self.train.steps)
         if self.escape is not None:
             _check_escape(self)
+        if self.stability is not None:
+            _check_stability(self)
+        if self.subspace is not None:
+            _check_subspace(self)
         if self.train.batch_size > self.data.n_train:
             raise UserInputError(
                 f"train.batch_size ({self.train.batch_size}) exceeds data.n_train "
@@ -306,17 +358,67 @@ def _check_tickets(t: TicketsConfig, paths: Sequence[str], steps: int) -> None:
         raise UserInputError(
             f"tickets.search_path = {t.search_path!r} applies to the imp and oneshot methods "
             f"only; {t.method!r} scores weights at initialization: use search_path = 'exact'")
-    if t.rewind_step > steps:
+    if max(rewind_steps(t)) > steps:
         raise UserInputError(
-            f"tickets.rewind_step ({t.rewind_step}) is after the last training step "
+            f"tickets.rewind_step ({max(rewind_steps(t))}) is after the last training step "
             f"(train.steps = {steps})")
+
+
+def rewind_steps(t: TicketsConfig) -> tuple[int, ...]:
+    """The rewind steps of a tickets section, in the order given (one or a sweep)."""
+    return t.rewind_step if isinstance(t.rewind_step, tuple) else (t.rewind_step,)
+
+
+def _check_trained_paths(cfg: StudyConfig, section: str) -> None:
+    """``[stability]`` and ``[subspace]`` train the exact and/or linear path."""
+    if not {"exact", "linear"} & set(cfg.paths):
+        raise UserInputError(f"the [{section}] section trains the exact and linear paths, "
+                             f"but paths = {list(cfg.paths)}: add 'exact' or 'linear'")
+
+
+def _check_stability(cfg: StudyConfig) -> None:
+    _check_trained_paths(cfg, "stability")
+    if not cfg.train.batch_size:
+        raise UserInputError("the [stability] section compares children trained with "
+                             "different minibatch orders, which full batch does not have: "
+                             "set train.batch_size > 0")
+    late = [k for k in cfg.stability.spawn_steps if k > cfg.train.steps]
+    if late:
+        raise UserInputError(f"stability.spawn_steps {late} are after the last training step "
+                             f"(train.steps = {cfg.train.steps})")
+
+
+def _check_subspace(cfg: StudyConfig) -> None:
+    s = cfg.subspace
+    _check_trained_paths(cfg, "subspace")
+    if "mup" in factor_values(cfg.model.parameterization):
+        raise UserInputError("the [subspace] section trains z in θ = θ_k + P·z with one "
+                             "learning rate, which µP's per-layer rates do not define: use "
+                             "model.parameterization = 'ntk' or 'standard'")
+    if s.start_step > cfg.train.steps:
+        raise UserInputError(f"subspace.start_step ({s.start_step}) is after the last "
+                             f"training step (train.steps = {cfg.train.steps})")
+    if "axis_imp" in s.kinds and (cfg.tickets is None or cfg.tickets.method != "imp"):
+        raise UserInputError("subspace kind 'axis_imp' takes the IMP masks of a [tickets] "
+                             "section with method = 'imp': add one, or drop 'axis_imp'")
+    if "lottery" in s.kinds:
+        if max(s.dims) > s.snapshots:
+            raise UserInputError(
+                f"the lottery subspace of dimension {max(s.dims)} needs at least as many "
+                f"snapshots of the dense run: raise subspace.snapshots (now {s.snapshots}) "
+                f"to >= {max(s.dims)}")
+        if s.snapshots > cfg.train.steps - s.start_step:
+            raise UserInputError(
+                f"subspace.snapshots ({s.snapshots}) exceeds the {cfg.train.steps - s.start_step}"
+                f" steps from subspace.start_step to train.steps: the dense run has one "
+                "snapshot per step at most")
 
 
 def _check_escape(cfg: StudyConfig) -> None:
     """The escape study trains one-hidden-layer MLP students of a teacher with MSE."""
     needs = [("data.name", "teacher"), ("model.arch", "mlp"), ("model.depth", 1),
              ("train.loss", "mse"), ("train.x64", True), ("paths", ("exact",)),
-             ("tickets", None)]
+             ("tickets", None), ("stability", None), ("subspace", None)]
     for field, value in needs:
         if _get(cfg, field) != value:
             raise UserInputError(
@@ -464,7 +566,7 @@ def config_from_dict(values: Mapping[str, Any]) -> StudyConfig:
 def config_to_dict(cfg: StudyConfig) -> dict[str, Any]:
     """The config as nested plain values (lists, not tuples); ``tickets`` omitted if None."""
     out = dataclasses.asdict(cfg)
-    for section in ("tickets", "escape"):
+    for section in ("tickets", "escape", "stability", "subspace"):
         if out[section] is None:
             del out[section]
     return json.loads(json.dumps(out))

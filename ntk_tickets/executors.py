@@ -91,14 +91,12 @@ def compute_cell(cfg: StudyConfig, width: int, x64: bool,
     """
     import jax
 
+    from ntk_tickets.cells import run_width
     from ntk_tickets.escape import run_escape_width
-    from ntk_tickets.experiments import run_paired_width
     from ntk_tickets.results import records_frame
-    from ntk_tickets.tickets import run_ticket_width
 
     data = data if data is not None else _cached_dataset(cfg.data, cfg.train.loss, x64)
-    run_cell = (run_escape_width if cfg.escape is not None
-                else run_ticket_width if cfg.tickets is not None else run_paired_width)
+    run_cell = run_escape_width if cfg.escape is not None else run_width
     with jax.enable_x64(x64):
         result = run_cell(cfg, data, width)
     (factors,) = cell_factors(cfg)

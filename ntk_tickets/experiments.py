@@ -46,7 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ntk_tickets import kernels, masks, metrics, regimes
-from ntk_tickets.config import StudyConfig
+from ntk_tickets.config import StudyConfig, rewind_steps
 from ntk_tickets.data import Dataset
 from ntk_tickets.linear import linearize
 from ntk_tickets.models import Model, build_model, parameter_count
@@ -72,7 +72,7 @@ class CellResult:
     arrays: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
 
 
-def _loss(f: np.ndarray, y: np.ndarray, loss: str) -> np.ndarray:
+def loss_of(f: np.ndarray, y: np.ndarray, loss: str) -> np.ndarray:
     """The training loss of outputs ``f`` (..., n, k) against targets ``y``, per leading index."""
     loss_fn = LOSSES[loss]
     for _ in range(f.ndim - 2):
@@ -139,9 +139,8 @@ def setup_cell(cfg: StudyConfig, data: Dataset, width: int) -> CellSetup:
     seeds = np.asarray(cfg.train.seeds)
     init_keys, order_keys, mask_keys = jnp.moveaxis(
         jax.vmap(lambda s: jax.random.split(jax.random.PRNGKey(s), 3))(seeds), 1, 0)
-    steps = log_spaced_steps(cfg.train.steps, cfg.train.log_points)
-    if cfg.tickets is not None:
-        steps = np.union1d(steps, [cfg.tickets.rewind_step])
+    steps = np.union1d(log_spaced_steps(cfg.train.steps, cfg.train.log_points),
+                       start_points(cfg)).astype(np.int64)
     if cfg.train.batch_size:
         batches = jax.vmap(batch_order, in_axes=(0, None, None, None))(
             order_keys, len(data.x_train), cfg.train.batch_size, cfg.train.steps)
@@ -152,6 +151,20 @@ def setup_cell(cfg: StudyConfig, data: Dataset, width: int) -> CellSetup:
         ("x_probe", data.x_train[: cfg.probe_size]))}
     return CellSetup(model, seeds, jax.vmap(model.init)(init_keys), arrays, steps, batches,
                      mask_keys)
+
+
+def start_points(cfg: StudyConfig) -> list[int]:
+    """The steps k whose parameters θ_k later runs start from: the rewind steps of
+    ``[tickets]``, the spawn steps of ``[stability]`` and the anchor of ``[subspace]``.
+    They are recorded steps, so that the training program can return θ_k."""
+    points = [0]
+    if cfg.tickets is not None:
+        points += rewind_steps(cfg.tickets)
+    if cfg.stability is not None:
+        points += cfg.stability.spawn_steps
+    if cfg.subspace is not None:
+        points.append(cfg.subspace.start_step)
+    return sorted(set(points))
 
 
 def _needs(cfg: StudyConfig, need: str) -> bool:
@@ -198,7 +211,7 @@ def outputs_of(path: str, data: Dataset, cfg: StudyConfig, f_train, f_test,
     """The :class:`~ntk_tickets.metrics.PathOutputs` of one path (outputs (s, r, n, k))."""
     return metrics.PathOutputs(
         path, np.asarray(f_train), np.asarray(f_test), data.y_train, data.y_test,
-        functools.partial(_loss, loss=cfg.train.loss), data.n_classes, f_test_exact,
+        functools.partial(loss_of, loss=cfg.train.loss), data.n_classes, f_test_exact,
         sq_change=None if traj is None else np.asarray(traj.sq_change),
         sq_norm0=None if traj is None else np.asarray(traj.sq_norm0),
         layer_names=layer_names,
@@ -225,7 +238,9 @@ class DenseCell:
     """The dense networks of one cell, trained on every path, with their records.
 
     ``programs`` and ``trajectories`` (per trained path) are what ticket procedures
-    continue from; ``extra_s`` counts the seconds spent outside the training programs.
+    continue from; ``extra_programs`` are the other training programs the cell compiles
+    (subspace training); ``extra_s`` counts the seconds spent outside the training
+    programs.
     """
 
     setup: CellSetup
@@ -234,20 +249,43 @@ class DenseCell:
     rows: list[dict[str, Any]]
     info: dict[str, Any]
     extra_s: float
+    first_rewind: int = 0
+    extra_programs: list[TrainingProgram] = dataclasses.field(default_factory=list)
+    _rewind: dict[tuple[str, int], Any] = dataclasses.field(default_factory=dict)
+
+    def all_programs(self) -> list[TrainingProgram]:
+        """The paths' programs and the others the cell compiled (subspace, snapshots)."""
+        return [*self.programs.values(), *self.extra_programs]
+
+    def rewind_point(self, path: str, step: int) -> Any:
+        """θ_k of the dense run on ``path`` at recorded step k, stacked over seeds.
+
+        The dense run returns θ_k of one step; another k trains the dense network again
+        with the same compiled program (the rewind step is an argument), once per k.
+        """
+        dense = self.trajectories[path]
+        if step == self.first_rewind:
+            return dense.params_rewind
+        if (path, step) not in self._rewind:
+            mask = masks.ones_like(self.setup.params0)
+            self._rewind[path, step] = self.programs[path](
+                self.setup.params0, self.setup.data, self.setup.batches, mask,
+                step).params_rewind
+        return self._rewind[path, step]
 
 
 def run_dense(cfg: StudyConfig, data: Dataset, width: int) -> DenseCell:
     """Trains the dense exact and linear paths and evaluates the closed forms at one width.
 
-    In a ticket study (``cfg.tickets`` set) the dense networks go through the masked
-    program with an all-ones mask and record the rewind step, so that the same compiled
-    program serves every later round, mask and perturbation.
+    In a ticket, stability or subspace study the dense networks go through the masked
+    program with an all-ones mask and record the (first) rewind step, so that the same
+    compiled program serves every later round, mask, perturbation and child.
     """
     setup = setup_cell(cfg, data, width)
     programs = training_programs(cfg, setup.model, setup.steps)
     seeds, steps = setup.seeds, setup.steps
-    dense_mask = None if cfg.tickets is None else masks.ones_like(setup.params0)
-    rewind_step = 0 if cfg.tickets is None else cfg.tickets.rewind_step
+    dense_mask = masks.ones_like(setup.params0) if _continued(cfg) else None
+    rewind_step = rewind_steps(cfg.tickets)[0] if cfg.tickets is not None else 0
     trajectories = {path: program(setup.params0, setup.data, setup.batches, dense_mask,
                                   rewind_step) for path, program in programs.items()}
     info: dict[str, Any] = {"diverged_step": {
@@ -277,7 +315,14 @@ def run_dense(cfg: StudyConfig, data: Dataset, width: int) -> DenseCell:
             seeds, closed_steps, outputs.f_train, data.y_train, cfg.train.loss)
     for path, traj in trajectories.items():
         rows += trajectory_rows(path, setup, traj, data, cfg, f_test_exact)
-    return DenseCell(setup, programs, trajectories, rows, info, time.perf_counter() - start)
+    return DenseCell(setup, programs, trajectories, rows, info, time.perf_counter() - start,
+                     rewind_step)
+
+
+def _continued(cfg: StudyConfig) -> bool:
+    """Whether later runs continue from the dense networks (tickets, stability, subspace):
+    then the dense networks go through the masked program, which all of them share."""
+    return any(s is not None for s in (cfg.tickets, cfg.stability, cfg.subspace))
 
 
 def finish_cell(cell: DenseCell, width: int) -> CellResult:
@@ -286,8 +331,8 @@ def finish_cell(cell: DenseCell, width: int) -> CellResult:
         row["width"] = width
     diverged = any(v is not None for per_seed in cell.info["diverged_step"].values()
                    for v in per_seed.values())
-    compile_s = sum(p.compile_s for p in cell.programs.values())
-    run_s = cell.extra_s + sum(p.run_s for p in cell.programs.values())
+    compile_s = sum(p.compile_s for p in cell.all_programs())
+    run_s = cell.extra_s + sum(p.run_s for p in cell.all_programs())
     return CellResult(cell.rows, "diverged" if diverged else "done", compile_s, run_s,
                       cell.info)
 
@@ -310,7 +355,7 @@ def run_paired_width(cfg: StudyConfig, data: Dataset, width: int) -> CellResult:
 
 def divergence_by_seed(seeds, steps, f_train, y_train, loss) -> dict[str, int | None]:
     """Per seed, the first recorded step at which the training loss diverged, or None."""
-    losses = _loss(f_train, y_train, loss)  # (s, r)
+    losses = loss_of(f_train, y_train, loss)  # (s, r)
     return {str(s): _first_divergence(losses[i], steps) for i, s in enumerate(seeds)}
 
 

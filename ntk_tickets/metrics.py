@@ -160,7 +160,9 @@ def _expected_loss(o: PathOutputs) -> Values:
             + 0.5 * o.test_variance.mean(axis=-1)}
 
 
-def _accuracy(f: np.ndarray, y: np.ndarray) -> np.ndarray:
+def accuracy_of(f: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """The fraction of points (axis −2 of ``f`` (..., n, k)) whose largest output is the
+    label (``y`` integer labels (n,) or one-hot (n, k))."""
     labels = y.argmax(-1) if y.ndim == 2 else y
     return np.mean(f.argmax(-1) == labels, axis=-1)
 
@@ -208,7 +210,7 @@ METRICS.register("loss", Metric(
     "loss", lambda o: _split_values(o, o.loss_fn, "loss"),
     doc="the training loss (mse: ½·mean squared error; xent: cross-entropy)"))
 METRICS.register("accuracy", Metric(
-    "accuracy", lambda o: _split_values(o, _accuracy, "accuracy"), needs=("classes",),
+    "accuracy", lambda o: _split_values(o, accuracy_of, "accuracy"), needs=("classes",),
     doc="fraction of points whose largest output is the label"))
 METRICS.register("weight_change", Metric(
     r"relative weight change $\|\theta_t - \theta_0\| / \|\theta_0\|$", _weight_change,
@@ -262,7 +264,7 @@ METRICS.register("ensemble_loss", Metric(
         "compare with the ntk path's loss (d'Ascoli et al. 2020)"))
 METRICS.register("ensemble_accuracy", Metric(
     "accuracy of the seed-averaged prediction",
-    lambda o: _split_values(_seed_average(o), _accuracy, "ensemble_accuracy"),
+    lambda o: _split_values(_seed_average(o), accuracy_of, "ensemble_accuracy"),
     needs=("finite_networks", "classes"), per_seed=False,
     doc="accuracy of the outputs averaged over the cell's seeds (seed -1; exact, linear, "
         "entk)"))
@@ -273,6 +275,16 @@ METRICS.register("params_per_target", Metric(
 METRICS.register("mask_overlap", Metric(
     "Jaccard overlap of kept weights",
     doc="Jaccard overlap of the linear-search and exact-search masks (ticket studies)"))
+
+
+METRICS.register("instability", Metric(
+    "instability (max test error on the line − mean of the ends)",
+    doc="linear mode connectivity of two children spawned at step k (Frankle et al. 2020; "
+        "[stability] section; test loss for regression)"))
+METRICS.register("loss_barrier", Metric(
+    "loss barrier (max train loss above the chord)",
+    doc="max over α of L((1−α)θ_1 + αθ_2) − ((1−α)L(θ_1) + αL(θ_2)) (Entezari et al. "
+        "2022; [stability] section); <= 0 for a loss convex in θ"))
 
 
 def scaling_metrics() -> tuple[str, ...]:

@@ -105,6 +105,16 @@ def _figure_legend(fig: Figure, axes: Sequence[Axes], title: str) -> None:
                fontsize="small")
 
 
+def _finish_panels(fig: Figure, axes: Sequence[Axes], ylabel: str, legend_title: str,
+                   title: str) -> Figure:
+    """The y label on the first column, one legend right of the panels, and the title."""
+    for ax in axes[::_ncols(axes)]:
+        ax.set_ylabel(ylabel)
+    _figure_legend(fig, axes, legend_title)
+    fig.suptitle(title)
+    return fig
+
+
 def _width_ticks(ax: Axes, widths) -> None:
     """Major ticks of a log x axis at exactly the studied widths, no minor ticks."""
     widths = sorted({int(w) for w in widths})
@@ -330,12 +340,9 @@ def ticket_accuracy(records: pd.DataFrame, *, path: str = "exact") -> Figure:
         ax.grid(True, alpha=0.3)
     if metric == "loss" and _positive(rows["value"]):
         axes[0].set_yscale("log")
-    for ax in axes[::_ncols(axes)]:
-        ax.set_ylabel(f"test {metric}")
-    _figure_legend(fig, axes, "mask")
-    fig.suptitle(f"test {metric} of pruned networks trained on path {path!r}\n"
-                 "final step, mean ± std over seeds (grey band: dense ± std)")
-    return fig
+    return _finish_panels(fig, axes, f"test {metric}", "mask",
+                          f"test {metric} of pruned networks trained on path {path!r}\n"
+                          "final step, mean ± std over seeds (grey band: dense ± std)")
 
 
 def chance_overlap(density):
@@ -455,7 +462,9 @@ def study_figures(records: pd.DataFrame, *,
     ``<metric>_vs_width`` for the metrics of :func:`~ntk_tickets.metrics.scaling_metrics` with
     positive values at
     two or more widths, ``ticket_accuracy`` (exact path) and ``ticket_accuracy_<path>``
-    (other paths), ``mask_overlap`` and ``perturbation``.
+    (other paths), ``mask_overlap`` and ``perturbation`` (with a suffix ``_rewind<k>`` per
+    rewind step when the study sweeps it), and ``rewind_sweep``, ``stability`` and
+    ``subspace`` (:func:`ntk_tickets.connectivity_figures.connectivity_figures`).
 
     A study that varies a factor (parameterization, output scale) gets these figures once
     per combination of factor values, named with a suffix such as ``_mup_os1``.
@@ -505,10 +514,13 @@ def _regime_figures(records: pd.DataFrame) -> dict[str, Figure]:
 
 
 def _group_figures(records: pd.DataFrame, summary: pd.DataFrame | None) -> dict[str, Figure]:
-    """The standard figures of records with one value of each factor."""
+    """The standard figures of records with one value of each factor, and those of
+    :mod:`ntk_tickets.connectivity_figures` (rewinding, stability, subspaces)."""
     from ntk_tickets import regime_figures
+    from ntk_tickets.connectivity_figures import connectivity_figures
 
     figures: dict[str, Figure] = {}
+    everything, records = records, records[records["experiment"].isin(("train", "perturb"))]
     if (records["metric"] == "expected_loss").any():
         figures["infinite_width"] = regime_figures.infinite_width_comparison(records)
     if (records["metric"] == "params_per_target").any():
@@ -526,6 +538,19 @@ def _group_figures(records: pd.DataFrame, summary: pd.DataFrame | None) -> dict[
         summary = scaling_table(records, metrics=list(scaling_metrics()))
     for metric in scaled:
         figures[f"{metric}_vs_width"] = metric_vs_width(records, metric, summary=summary)
+    rewinds = sorted(records.loc[records["mask"] != "dense", "rewind_step"].unique())
+    for k in rewinds:
+        at_k = records[(records["mask"] == "dense") | (records["rewind_step"] == k)]
+        suffix = "" if len(rewinds) == 1 else f"_rewind{k}"
+        figures.update({f"{name}{suffix}": fig for name, fig in _ticket_figures(at_k).items()})
+    figures.update(connectivity_figures(everything))
+    return figures
+
+
+def _ticket_figures(records: pd.DataFrame) -> dict[str, Figure]:
+    """``ticket_accuracy``, ``mask_overlap`` and ``perturbation`` figures of one rewind
+    step's masks."""
+    figures: dict[str, Figure] = {}
     runs = training_runs(records)
     masked = runs[(runs["mask"] != "dense") & (runs["path"] != "none") & (runs["split"] == "test")]
     for path in ordered(masked["path"].unique(), PATH_ORDER):

@@ -78,20 +78,23 @@ if TYPE_CHECKING:
 RECORD_COLUMNS: tuple[str, ...] = (
     "width", "seed", "path", "mask", "sparsity", "round", "step", "split", "metric", "value",
     "eps", "experiment", "parameterization", "output_scale", "embedding", "added", "mu",
+    "rewind_step", "spawn_step", "subspace", "dim",
 )
 # Column kinds: "int" → int64, "float" → float64, "str" → pandas' string dtype.
 _KINDS = {
     "width": "int", "seed": "int", "path": "str", "mask": "str", "sparsity": "float",
     "round": "int", "step": "int", "split": "str", "metric": "str", "value": "float",
     "eps": "float", "experiment": "str", "parameterization": "str", "output_scale": "float",
-    "embedding": "str", "added": "int", "mu": "float",
+    "embedding": "str", "added": "int", "mu": "float", "rewind_step": "int",
+    "spawn_step": "int", "subspace": "str", "dim": "int",
 }
 _DTYPES = {"int": "int64", "float": "float64", "str": str}
 REQUIRED_COLUMNS: tuple[str, ...] = ("width", "seed", "path", "step", "metric", "value")
 RECORD_DEFAULTS: Mapping[str, Any] = {
     "mask": "dense", "sparsity": 0.0, "round": 0, "split": "none", "eps": math.nan,
     "experiment": "train", "parameterization": "ntk", "output_scale": 1.0,
-    "embedding": "none", "added": 0, "mu": math.nan,
+    "embedding": "none", "added": 0, "mu": math.nan, "rewind_step": 0, "spawn_step": -1,
+    "subspace": "none", "dim": 0,
 }
 
 STATUSES = ("done", "diverged", "failed")
@@ -106,11 +109,12 @@ LOCK = ".lock"
 DERIVED = ("figures", "summary.csv", "escape.csv")
 #: The results format; 2 added the ``experiment`` column, study identities, per-cell
 #: environments and saved masks; 3 the factor columns ``parameterization`` and
-#: ``output_scale``; 4 the escape-test columns ``embedding``, ``added`` and ``mu`` (README,
-#: "Results format"). Format 2 and 3 folders are read and grown.
-FORMAT_VERSION = 4
+#: ``output_scale``; 4 the escape-test columns ``embedding``, ``added`` and ``mu``; 5 the
+#: columns ``rewind_step``, ``spawn_step`` (stability), ``subspace`` and ``dim`` (README,
+#: "Results format"). Format 2, 3 and 4 folders are read and grown.
+FORMAT_VERSION = 5
 #: Older formats that are upgraded on reading (:func:`_upgrade_manifest`).
-READABLE_FORMATS = (2, 3, FORMAT_VERSION)
+READABLE_FORMATS = (2, 3, 4, FORMAT_VERSION)
 _TMP_SUFFIX = ".tmp"
 _TMP_NAME = re.compile(r"\.(.+)\.[0-9a-f]{8}\.tmp")
 _CELL_ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.,=+@-]{0,199}")
@@ -424,12 +428,17 @@ def _upgrade_manifest(manifest: dict[str, Any]) -> dict[str, Any]:
             "upgraded_from": manifest["format_version"]}
 
 
-def _with_missing_columns(frame: pd.DataFrame, factors: Mapping[str, Any]) -> pd.DataFrame:
+def _with_missing_columns(frame: pd.DataFrame, factors: Mapping[str, Any],
+                          config: Mapping[str, Any]) -> pd.DataFrame:
     """``frame`` (an older format's records) with the columns it lacks: factor columns
-    (format 2) set to ``factors``, the escape-test columns (format 3) to their defaults
+    (format 2) set to ``factors``, ``rewind_step`` (format 4) to the ``config``'s rewind step
+    on ticket rows (0 on dense ones), the others to their defaults
     (:data:`RECORD_DEFAULTS`)."""
     missing = {c: factors.get(c, RECORD_DEFAULTS.get(c)) for c in RECORD_COLUMNS
                if c not in frame.columns}
+    if "rewind_step" in missing and "mask" in frame.columns:
+        k = (config.get("tickets") or {}).get("rewind_step", 0)
+        missing["rewind_step"] = (frame["mask"] != "dense").to_numpy() * int(k)
     return frame.assign(**missing) if missing else frame
 
 
@@ -486,10 +495,11 @@ def load_records(path: str | os.PathLike) -> pd.DataFrame:
         raise UserInputError(f"{str(file)!r} does not exist: {why}")
     try:
         frame = pd.read_parquet(file)
-        if not set(FACTOR_COLUMNS) <= set(frame.columns):  # format 2
-            frame = _with_missing_columns(frame,
-                                          format_factors(load_manifest(folder)["config"]))
-        frame = _with_missing_columns(frame, {})  # format 3: the escape columns
+        if not set(RECORD_COLUMNS) <= set(frame.columns):  # formats 2-4
+            config = load_manifest(folder)["config"]
+            factors = ({} if set(FACTOR_COLUMNS) <= set(frame.columns)  # formats 3, 4
+                       else format_factors(config))
+            frame = _with_missing_columns(frame, factors, config)
         return _conform(frame, allow_extra=True)
     except _read_errors() as e:
         raise UserInputError(
@@ -826,8 +836,8 @@ class ResultsStore:
                 entry = self._manifest["cells"][cid]
                 factors = {c: entry.get(c, v) for c, v in factor_defaults().items()}
                 try:
-                    self._frames[cid] = _conform(
-                        _with_missing_columns(pd.read_parquet(file), factors))
+                    self._frames[cid] = _conform(_with_missing_columns(
+                        pd.read_parquet(file), factors, self._manifest["config"]))
                 except _read_errors() as e:
                     raise UserInputError(f"cell file {str(file)!r} is corrupted ({e}): delete "
                                          "it and run again to recompute that cell") from e
@@ -999,7 +1009,7 @@ def mask_arrays(masks: Mapping[tuple[str, int], Any], seeds: Sequence[int]) -> d
 
 
 def load_masks(path: str | os.PathLike, width: int, family: str, round_: int,
-               seed: int, **factors: Any) -> Any:
+               seed: int, *, rewind_step: int | None = None, **factors: Any) -> Any:
     """A ticket mask of a results folder, as the PyTree of 0/1 arrays it was trained with.
 
     Args:
@@ -1009,6 +1019,8 @@ def load_masks(path: str | os.PathLike, width: int, family: str, round_: int,
         ``mask`` column of the records).
       round_: the pruning round (1 … ``tickets.rounds``).
       seed: the seed.
+      rewind_step: the rewind step k of a study that sweeps several (their masks are kept
+        as ``<family>@<k>``); not needed when the study has one.
       **factors: factor values (``parameterization="mup"``, ``output_scale=10.0``) that pick
         the cell when the study varies them.
 
@@ -1041,6 +1053,14 @@ def load_masks(path: str | os.PathLike, width: int, family: str, round_: int,
         raise UserInputError(f"{str(folder)!r} keeps no masks for width {width}: it is not "
                              "a ticket study (or was written by an older ntk-tickets)")
     with np.load(file) as archive:
+        swept = any("@" in k.split("/")[1] for k in archive.files if k.startswith("mask/"))
+        if swept and rewind_step is None:
+            steps = sorted({int(k.split("/")[1].rsplit("@", 1)[1]) for k in archive.files
+                            if k.startswith("mask/")})
+            raise UserInputError(f"{str(folder)!r} sweeps the rewind step over {steps}: pass "
+                                 f"rewind_step=, e.g. load_masks(..., rewind_step={steps[0]})")
+        if swept:
+            family = f"{family}@{rewind_step}"
         prefix = f"mask/{family}/{round_}/{seed}/"
         names = sorted((k for k in archive.files if k.startswith(prefix)),
                        key=lambda k: int(k.rsplit("/", 1)[1]))

@@ -40,7 +40,7 @@ CONTROL_MASKS: tuple[str, ...] = (*CONTROLS, "shuffle_rescaled", "reinit_rescale
 FACTOR_COLUMNS: tuple[str, ...] = _FACTOR_COLUMNS
 #: The columns that identify one run's value at one step.
 RUN_COLUMNS = ("width", "seed", "path", "mask", "round", "split", "metric", "experiment", "eps",
-               *FACTOR_COLUMNS)
+               "rewind_step", "spawn_step", "subspace", "dim", *FACTOR_COLUMNS)
 
 
 def final_step(records: pd.DataFrame) -> pd.DataFrame:

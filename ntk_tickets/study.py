@@ -376,8 +376,9 @@ def width_table(records) -> str:
 @by_factors
 def ticket_table(records) -> str:
     """A text table of a ticket study at the final step (means over seeds): per width and
-    sparsity, the test accuracy (test loss for regression) of each mask on the exact path
-    (on the first trained path if exact was not run); the dense network is sparsity 0.
+    sparsity (and rewind step, when the study sweeps it), the test accuracy (test loss for
+    regression) of each mask on the exact path (on the first trained path if exact was not
+    run); the dense network is sparsity 0.
 
     Returns an empty string when the records hold no ticket masks.
     """
@@ -389,7 +390,9 @@ def ticket_table(records) -> str:
         return ""
     path = "exact" if (final.path == "exact").any() else final.path.iloc[0]
     final = final[final.path == path]
-    table = final.pivot_table(index=["width", "sparsity"], columns="mask", values="value",
+    swept = final.loc[final["mask"] != "dense", "rewind_step"].nunique() > 1
+    index = ["width", "rewind_step", "sparsity"] if swept else ["width", "sparsity"]
+    table = final.pivot_table(index=index, columns="mask", values="value",
                               aggfunc=nan_mean, dropna=False)
     order = ordered(table.columns, ["dense"], CONTROL_MASKS)
     header = f"test {score} of each mask ({path} path, mean over seeds)\n"

@@ -8,8 +8,9 @@ One ticket cell (one width, all seeds vmapped) runs, on top of the dense network
 
    * ``imp``: iterative magnitude pruning with rewinding. The dense run (round 0) records
      θ_k at ``rewind_step`` k; round r prunes the smallest |θ_T| of round r − 1's trained
-     weights and trains the survivors again from θ_k ⊙ m_r (Frankle & Carbin 2019; Frankle
-     et al. 2020, arXiv 1912.05671);
+     weights and trains the survivors again from θ_k ⊙ m_r for the T − k steps left
+     (Frankle & Carbin 2019; Frankle et al. 2020, arXiv 1912.05671); a list of rewind
+     steps repeats everything per k (:func:`run_tickets`);
    * ``oneshot``: every round's mask from the dense run's |θ_T| at once;
    * ``magnitude_init``, ``snip``, ``grasp``, ``synflow``, ``ntk_saliency``: scores at θ0
      (:mod:`ntk_tickets.criteria`); SynFlow prunes iteratively with data-free scores,
@@ -45,8 +46,8 @@ masks and ε there are (DESIGN.md §3).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-import time
 from typing import Any
 
 import jax
@@ -54,20 +55,17 @@ import jax.numpy as jnp
 import numpy as np
 
 from ntk_tickets import criteria, masks
-from ntk_tickets.config import StudyConfig, TicketsConfig
+from ntk_tickets.config import StudyConfig, TicketsConfig, rewind_steps
 from ntk_tickets.data import Dataset
 from ntk_tickets.errors import UserInputError
 from ntk_tickets.experiments import (
-    CellResult,
     DenseCell,
     divergence_by_seed,
-    finish_cell,
-    run_dense,
     trajectory_rows,
 )
 from ntk_tickets.masks import PruningSpec
 from ntk_tickets.optimizers import LOSSES
-from ntk_tickets.results import mask_arrays
+from ntk_tickets.stability import Connectivity
 from ntk_tickets.ticket_methods import TICKET_METHODS
 from ntk_tickets.training import Trajectory
 
@@ -171,13 +169,14 @@ def find_masks(cfg: StudyConfig, cell: DenseCell,
         return _magnitude_round_masks(scores, spec, t.rounds, n_seeds), {}
     if search == "oneshot":
         return _magnitude_round_masks(_absolute(dense.params), spec, t.rounds, n_seeds), {}
-    program, theta_k = cell.programs[search_path], dense.params_rewind
+    program, theta_k = cell.programs[search_path], cell.rewind_point(search_path,
+                                                                    t.rewind_step)
     mask, trained, found, traj = masks.ones_like(setup.params0), {}, [], dense
     for r in range(1, t.rounds + 1):
         mask = _per_seed(lambda i, p, m, r=r: masks.prune_to_level(_absolute(p), m, spec, r),
                          n_seeds, traj.params, mask)
         traj = program(masks.apply_mask(theta_k, mask), setup.data, setup.batches, mask,
-                       t.rewind_step)
+                       t.rewind_step, start_step=t.rewind_step)
         found.append(mask)
         trained[r] = traj
     return found, trained
@@ -262,10 +261,14 @@ def _fresh_init(cell: DenseCell, role: int) -> PyTree:
 
 
 class _Evaluator:
-    """Trains (start, mask) pairs on every eval path and turns them into records."""
+    """Trains (start, mask) pairs on every eval path and turns them into records; with a
+    ``connectivity`` (``[stability]``), spawns each training run's second child at the
+    rewind step and records the line between them."""
 
-    def __init__(self, cfg: StudyConfig, cell: DenseCell, data: Dataset):
+    def __init__(self, cfg: StudyConfig, cell: DenseCell, data: Dataset,
+                 connectivity: Connectivity | None = None):
         self.cfg, self.cell, self.data = cfg, cell, data
+        self.connectivity = connectivity
         self.rows: list[dict[str, Any]] = []
         self.diverged: dict[str, dict[str, int | None]] = {}
 
@@ -278,10 +281,14 @@ class _Evaluator:
             traj = (trained or {}).get(path)
             if traj is None:
                 traj = self.cell.programs[path](start, setup.data, setup.batches,
-                                                update_mask, t.rewind_step)
-            for row in trajectory_rows(path, setup, traj, self.data, self.cfg, f_test_exact):
-                row.update(mask=name, round=round_, sparsity=sparsity, eps=eps,
-                           experiment=experiment)
+                                                update_mask, t.rewind_step,
+                                                start_step=t.rewind_step)
+            rows = trajectory_rows(path, setup, traj, self.data, self.cfg, f_test_exact)
+            if self.connectivity is not None and experiment == "train":
+                rows += self.connectivity.rows(path, traj, start, update_mask, t.rewind_step)
+            for row in rows:
+                row.update(mask=name, round=round_, sparsity=sparsity, eps=eps)
+                row.setdefault("experiment", experiment)
                 self.rows.append(row)
             label = (f"{path}/{name}/round{round_}"
                      + ("" if experiment == "train" else f"/{experiment}/eps{eps:g}"))
@@ -292,9 +299,42 @@ class _Evaluator:
                 f_test_exact = np.asarray(traj.f_test)
 
 
-def run_tickets(cfg: StudyConfig, cell: DenseCell,
-                data: Dataset) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Search, evaluation, controls, overlaps and perturbation of one ticket cell.
+def run_tickets(cfg: StudyConfig, cell: DenseCell, data: Dataset,
+                connectivity: Connectivity | None = None) -> tuple[list[dict[str, Any]],
+                                                                   dict[str, Any]]:
+    """Search, evaluation, controls, overlaps and perturbation of one ticket cell, at every
+    rewind step of ``tickets.rewind_step`` (:func:`tickets_at`).
+
+    With several rewind steps every record carries its step in the ``rewind_step`` column,
+    and the names of the masks, sparsity reports and divergence labels get ``@<k>``. With a
+    ``connectivity`` every ticket and control run is spawned at its rewind step
+    (:class:`ntk_tickets.stability.Connectivity`).
+    """
+    steps = rewind_steps(cfg.tickets)
+    rows: list[dict[str, Any]] = []
+    info: dict[str, Any] = {"sparsity_report": {}, "diverged_step": {}, "masks": {}}
+    for k in steps:
+        cfg_k = dataclasses.replace(cfg, tickets=dataclasses.replace(cfg.tickets,
+                                                                     rewind_step=k))
+        rows_k, info_k = tickets_at(cfg_k, cell, data, connectivity)
+        tag = "" if len(steps) == 1 else f"@{k}"
+        for row in rows_k:
+            row["rewind_step"] = k
+        rows += rows_k
+        info["sparsity_report"].update({f"{name}{tag}": report for name, report
+                                        in info_k["sparsity_report"].items()})
+        info["diverged_step"].update({f"{label}{tag}": v for label, v
+                                      in info_k["diverged_step"].items()})
+        info["masks"].update({(f"{family}{tag}", r): mask for (family, r), mask
+                              in info_k["masks"].items()})
+    return rows, info
+
+
+def tickets_at(cfg: StudyConfig, cell: DenseCell, data: Dataset,
+               connectivity: Connectivity | None = None) -> tuple[list[dict[str, Any]],
+                                                                  dict[str, Any]]:
+    """Search, evaluation, controls, overlaps and perturbation at the one rewind step k of
+    ``cfg.tickets`` (an int here): every mask trains from θ_k (:meth:`DenseCell.rewind_point`).
 
     Returns:
       ``(rows, info)``: the ticket records (masks other than ``dense``) and manifest
@@ -305,10 +345,10 @@ def run_tickets(cfg: StudyConfig, cell: DenseCell,
     """
     t, setup = cfg.tickets, cell.setup
     n_seeds = len(setup.seeds)
-    theta_k = {path: cell.trajectories[path].params_rewind for path in search_paths(t)}
+    theta_k = {path: cell.rewind_point(path, t.rewind_step) for path in search_paths(t)}
     families = {family_name(t.method, path): (path, *find_masks(cfg, cell, path))
                 for path in search_paths(t)}
-    evaluate = _Evaluator(cfg, cell, data)
+    evaluate = _Evaluator(cfg, cell, data, connectivity)
     kept: dict[tuple[str, int], PyTree] = {}
     report: dict[str, dict[str, dict[str, float]]] = {}
     first = next(iter(families))
@@ -361,33 +401,3 @@ def run_tickets(cfg: StudyConfig, cell: DenseCell,
                      experiment="perturb")
     return evaluate.rows, {"sparsity_report": report, "diverged_step": evaluate.diverged,
                            "masks": kept}
-
-
-def _program_seconds(cell: DenseCell) -> float:
-    return sum(p.compile_s + p.run_s for p in cell.programs.values())
-
-
-def run_ticket_width(cfg: StudyConfig, data: Dataset, width: int) -> CellResult:
-    """One ticket cell: the dense paired study of :func:`ntk_tickets.experiments.run_dense`
-    followed by :func:`run_tickets`, with the same compiled programs.
-
-    Args:
-      cfg: a study config with a ``[tickets]`` section.
-      data: the dataset.
-      width: hidden units (MLPs) or channels (CNNs).
-
-    Returns:
-      The :class:`~ntk_tickets.experiments.CellResult` of dense and ticket records.
-    """
-    cell = run_dense(cfg, data, width)
-    before, start = _program_seconds(cell), time.perf_counter()
-    rows, info = run_tickets(cfg, cell, data)
-    # Time outside the training programs (scores, masks, records) counts as run time.
-    cell.extra_s += time.perf_counter() - start - (_program_seconds(cell) - before)
-    cell.rows += rows
-    cell.info["diverged_step"].update(info.pop("diverged_step"))
-    kept = info.pop("masks")
-    cell.info.update(info)
-    result = finish_cell(cell, width)
-    result.arrays = mask_arrays(kept, cell.setup.seeds)
-    return result

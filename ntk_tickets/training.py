@@ -85,6 +85,8 @@ class Trajectory:
       feature_sq_change: (s, r) ‖h_t − h_start‖² of the last hidden layer's features on the
         test inputs, or None when not requested.
       feature_sq_norm0: (s,) ‖h_start‖² on the test inputs, or None.
+      snapshots: (s, r, ...) what ``snapshot_fn`` returned at each recorded step (the
+        parameters, for the lottery subspace), or None.
     """
 
     steps: np.ndarray
@@ -97,6 +99,7 @@ class Trajectory:
     probe_kernel: jax.Array | None = None
     feature_sq_change: jax.Array | None = None
     feature_sq_norm0: jax.Array | None = None
+    snapshots: jax.Array | None = None
 
 
 def _layer_sq_norms(params: PyTree) -> jax.Array:
@@ -113,7 +116,8 @@ def _n_seeds(params0: PyTree) -> int:
 
 def make_train_fn(fn: ModelFn, cfg: TrainConfig, record_steps: np.ndarray, *,
                   probe_kernel_fn: Callable[[PyTree, jax.Array], jax.Array] | None = None,
-                  feature_fn: ModelFn | None = None) -> Callable:
+                  feature_fn: ModelFn | None = None,
+                  snapshot_fn: Callable[[PyTree], jax.Array] | None = None) -> Callable:
     """Builds the jitted, seed-vmapped training program.
 
     Args:
@@ -124,10 +128,12 @@ def make_train_fn(fn: ModelFn, cfg: TrainConfig, record_steps: np.ndarray, *,
         recorded step (e.g. the traced empirical NTK, for ``ntk_change``).
       feature_fn: optional ``(params, params0, x) -> h``, the features whose change on the
         test inputs is recorded (for ``feature_change``).
+      snapshot_fn: optional ``params -> array`` recorded at every recorded step (e.g. the
+        flattened parameters).
 
     Returns:
-      A jitted ``train(params0, update_mask, data, batches, rewind_step, lr_factors)``
-      returning the
+      A jitted ``train(params0, update_mask, data, batches, rewind_step, lr_factors,
+      start_step)`` returning the
       fields of :class:`Trajectory` after ``steps`` as a tuple. ``params0`` (the start of
       training and the point of linearization), ``update_mask`` and ``batches`` (int,
       (s, steps, batch_size), or (s, 0, 0) for full batch) have a leading seed axis; ``data``
@@ -141,6 +147,9 @@ def make_train_fn(fn: ModelFn, cfg: TrainConfig, record_steps: np.ndarray, *,
       parameters are returned as ``params_rewind``. ``lr_factors`` (a PyTree of scalars
       shaped like one seed's parameters, or None) multiplies each parameter's update after
       the optimizer: per-parameter learning rates (:func:`ntk_tickets.regimes.lr_factors`).
+      ``start_step`` (int scalar) is the step at which training starts: ``params0`` is then
+      θ at that step (a network rewound or spawned at k), trained on the minibatches of
+      steps k … ``steps`` − 1 only; recorded steps before k hold ``params0``.
       Everything is an argument: nothing, parameters and masks included, is closed over
       (DESIGN.md §3), so one compile serves every seed, mask and rewind step. Run it with
       :class:`TrainingProgram`.
@@ -149,7 +158,7 @@ def make_train_fn(fn: ModelFn, cfg: TrainConfig, record_steps: np.ndarray, *,
     loss_fn = LOSSES[cfg.loss]
     bounds = jnp.asarray(np.stack([record_steps[:-1], record_steps[1:]], axis=1))
 
-    def train_one(params0, update_mask, data, batches, rewind_step, lr_factors):
+    def train_one(params0, update_mask, data, batches, rewind_step, lr_factors, start_step):
         x_train, y_train = data["x_train"], data["y_train"]
 
         def loss_of(params, x, y):
@@ -179,12 +188,14 @@ def make_train_fn(fn: ModelFn, cfg: TrainConfig, record_steps: np.ndarray, *,
             if feature_fn is not None:
                 h = feature_fn(params, params0, data["x_test"])
                 out["feature_sq_change"] = jnp.sum((h - h0) ** 2)
+            if snapshot_fn is not None:
+                out["snapshot"] = snapshot_fn(params)
             return out
 
         def segment(carry, bound):
             params, opt_state, params_rewind = carry
-            params, opt_state = jax.lax.fori_loop(bound[0], bound[1], step,
-                                                  (params, opt_state))
+            params, opt_state = jax.lax.fori_loop(jnp.maximum(bound[0], start_step),
+                                                  bound[1], step, (params, opt_state))
             params_rewind = jax.tree_util.tree_map(
                 lambda a, b: jnp.where(bound[1] == rewind_step, a, b), params, params_rewind)
             return (params, opt_state, params_rewind), record(params)
@@ -198,17 +209,17 @@ def make_train_fn(fn: ModelFn, cfg: TrainConfig, record_steps: np.ndarray, *,
         return (recorded["f_train"], recorded["f_test"], recorded["sq_change"],
                 _layer_sq_norms(params0), params, params_rewind,
                 recorded.get("probe_kernel"), recorded.get("feature_sq_change"),
-                None if h0 is None else jnp.sum(h0 ** 2))
+                None if h0 is None else jnp.sum(h0 ** 2), recorded.get("snapshot"))
 
-    def train(params0, update_mask, data, batches, rewind_step, lr_factors):
+    def train(params0, update_mask, data, batches, rewind_step, lr_factors, start_step):
         if _n_seeds(params0) > 1:
-            return jax.vmap(train_one, in_axes=(0, 0, None, 0, None, None))(
-                params0, update_mask, data, batches, rewind_step, lr_factors)
+            return jax.vmap(train_one, in_axes=(0, 0, None, 0, None, None, None))(
+                params0, update_mask, data, batches, rewind_step, lr_factors, start_step)
         # One seed: run unbatched. XLA:CPU runs a batched matmul of batch 1 at about half
         # the speed of the plain one (benchmarks/bench_engine.py).
         squeeze = functools.partial(jax.tree_util.tree_map, lambda a: a[0])
         out = train_one(squeeze(params0), squeeze(update_mask), data, squeeze(batches),
-                        rewind_step, lr_factors)
+                        rewind_step, lr_factors, start_step)
         return jax.tree_util.tree_map(lambda a: a[None], out)
 
     return jax.jit(train)
@@ -233,19 +244,24 @@ class TrainingProgram:
 
     def __init__(self, fn: ModelFn, cfg: TrainConfig, record_steps: np.ndarray, *,
                  probe_kernel_fn: Callable[[PyTree, jax.Array], jax.Array] | None = None,
-                 feature_fn: ModelFn | None = None, lr_factors: PyTree | None = None):
+                 feature_fn: ModelFn | None = None, lr_factors: PyTree | None = None,
+                 snapshot_fn: Callable[[PyTree], jax.Array] | None = None):
+        self.fn = fn  # the trained function (params, params0, x) -> outputs
         self.record_steps = np.asarray(record_steps)
         self.lr_factors = (None if lr_factors is None
                            else jax.tree_util.tree_map(jnp.asarray, lr_factors))
         self._train = make_train_fn(fn, cfg, self.record_steps,
-                                    probe_kernel_fn=probe_kernel_fn, feature_fn=feature_fn)
+                                    probe_kernel_fn=probe_kernel_fn, feature_fn=feature_fn,
+                                    snapshot_fn=snapshot_fn)
         self._compiled: dict[Any, Any] = {}
         self.compile_s = 0.0
         self.run_s = 0.0
 
     def __call__(self, params0: PyTree, data: dict[str, jax.Array], batches: jax.Array,
-                 update_mask: PyTree | None = None, rewind_step: int = 0) -> Trajectory:
-        """Trains from ``params0`` (leading seed axis); see :func:`make_train_fn`.
+                 update_mask: PyTree | None = None, rewind_step: int = 0,
+                 start_step: int = 0) -> Trajectory:
+        """Trains from ``params0`` (leading seed axis), at step ``start_step``, to the last
+        step; see :func:`make_train_fn`.
 
         Raises:
           ValueError: if ``rewind_step`` is not one of the recorded steps.
@@ -257,7 +273,7 @@ class TrainingProgram:
             update_mask = jax.tree_util.tree_map(lambda m, p: jnp.asarray(m, p.dtype),
                                                  update_mask, params0)
         args = (params0, update_mask, data, batches, jnp.asarray(rewind_step, jnp.int32),
-                self.lr_factors)
+                self.lr_factors, jnp.asarray(start_step, jnp.int32))
         leaves, treedef = jax.tree_util.tree_flatten(args)
         key = (treedef, tuple((leaf.shape, leaf.dtype) for leaf in leaves))
         if key not in self._compiled:

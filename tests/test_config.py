@@ -102,6 +102,14 @@ def test_override_can_add_a_missing_section():
     ("tickets.perturb_eps=[0.1, inf]", "tickets.perturb_eps[1] must be a finite number"),
     ("tickets.prune_fraction=1.0", "tickets.prune_fraction must be in [0, 1)"),
     ("tickets.rewind_step=100", "tickets.rewind_step (100) is after the last training step"),
+    ("tickets.rewind_step=[0, 60]", "tickets.rewind_step (60) is after the last training step"),
+    ("tickets.rewind_step=[0, 0]", "tickets.rewind_step lists 0 more than once"),
+    ("stability.spawn_steps=[0, 5]", "full batch does not have: set train.batch_size > 0"),
+    ("stability.n_interp=1", "stability.n_interp must be >= 2"),
+    ("subspace.kinds=['fourier']", "subspace.kinds = 'fourier' is not allowed"),
+    ("subspace.dims=[0]", "subspace.dims must be >= 1"),
+    ("subspace.start_step=51", "subspace.start_step (51) is after the last training step"),
+    ("subspace.kinds=['lottery']", "raise subspace.snapshots (now 128) to >= 256"),
     ("data.name=npz", "data.path is required"),
     ("train.loss=xent", "needs a classification dataset"),
     ("train.batch_size=100", "train.batch_size (100) exceeds data.n_train (64)"),
@@ -114,6 +122,31 @@ def test_bad_values_name_the_field(study_file, override, fragment):
         load_config(study_file, [override])
     assert fragment in str(info.value)
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("overrides, fragment", [
+    (["train.batch_size=16", "stability.spawn_steps=[0, 60]"],
+     "stability.spawn_steps [60] are after the last training step"),
+    (["subspace.kinds=['lottery']", "subspace.dims=[8]", "subspace.snapshots=64"],
+     "subspace.snapshots (64) exceeds the 50 steps from subspace.start_step"),
+    (["subspace.kinds=['axis_imp']", "tickets.method='snip'"],
+     "subspace kind 'axis_imp' takes the IMP masks"),
+    (["subspace.dims=[4]", "model.parameterization='mup'"], "µP's per-layer rates"),
+    (["stability.spawn_steps=[0]", "train.batch_size=8", "paths=['entk']",
+      "tickets.eval_paths=['exact']"], "tickets section trains the 'exact' path"),
+])
+def test_bad_stability_and_subspace_sections(study_file, overrides, fragment):
+    with pytest.raises(UserInputError) as info:
+        load_config(study_file, overrides)
+    assert fragment in str(info.value) and "\n" not in str(info.value)
+
+
+def test_rewind_step_takes_one_value_or_a_list(study_file):
+    from ntk_tickets.config import rewind_steps
+
+    assert rewind_steps(load_config(study_file).tickets) == (0,)
+    swept = load_config(study_file, ["tickets.rewind_step=[8, 0, 2]"]).tickets
+    assert swept.rewind_step == (8, 0, 2) and rewind_steps(swept) == (8, 0, 2)
 
 
 def test_missing_and_malformed_files_name_the_file(tmp_path):

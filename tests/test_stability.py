@@ -56,3 +56,80 @@ def test_the_linearized_networks_mse_has_no_barrier(float64):
     assert max_minus_mean > 0
     chord = (1 - alphas) * linear[0] + alphas * linear[-1]
     assert np.all(linear[1:-1] < chord[1:-1])  # strictly: f_lin moves along the line
+
+
+# ----------------------------------------------------------------------------- the study
+
+def _study(*overrides):
+    from ntk_tickets import StudyConfig, with_overrides
+
+    return with_overrides(StudyConfig(), [
+        "data.name='teacher'", "data.n_train=32", "data.n_test=32", "data.input_dim=4",
+        "train.steps=40", "train.batch_size=8", "train.learning_rate=0.5",
+        "train.log_points=3", "train.seeds=[0, 1]", "paths=['exact','linear']",
+        "probe_size=4", "metrics=['loss','function_gap']", "stability.spawn_steps=[0, 8]",
+        "stability.n_interp=7", *overrides])
+
+
+@pytest.mark.parametrize("x64", [False, True])
+def test_linear_children_have_no_loss_barrier_under_mse(x64):
+    """The linearized network's MSE is convex in θ, so the loss along the line between its
+    children never rises above the chord: loss_barrier = 0 up to rounding, for the dense
+    network at every spawn step (θ_k tangent space) and for every ticket; the exact path's
+    barrier is a float ≥ 0 (the chord touches the line at its ends)."""
+    from ntk_tickets import load_dataset, records_frame
+    from ntk_tickets.cells import run_width
+
+    cfg = _study("tickets.rounds=1", "tickets.prune_fraction=0.5",
+                 "tickets.controls=['random']", "tickets.rewind_step=8")
+    with jax.enable_x64(x64):
+        data = load_dataset(cfg.data, cfg.train.loss)
+        frame = records_frame([{**r, "width": 24} for r in run_width(cfg, data, 24).rows])
+    barrier = frame[frame.metric == "loss_barrier"]
+    assert set(barrier["mask"]) == {"dense", "imp", "random"}
+    assert set(barrier.loc[barrier["mask"] == "dense", "spawn_step"]) == {0, 8}
+    assert set(barrier.loc[barrier["mask"] != "dense", "spawn_step"]) == {8}
+    linear = barrier[barrier.path == "linear"]["value"]
+    scale = frame[(frame.metric == "loss") & (frame.split == "train")]["value"].max()
+    assert len(linear) == 2 * (2 + 2) and linear.abs().max() <= (1e-12 if x64 else 1e-6) * scale
+    assert (barrier[barrier.path == "exact"]["value"] >= 0).all()
+    assert (frame.loc[frame.metric == "instability", "value"] >= 0).all()
+    spawn = frame[frame.experiment == "spawn"]
+    assert set(spawn["spawn_step"]) == {0, 8} and (spawn["mask"] == "dense").all()
+    assert (spawn[spawn.metric == "function_gap"].path == "linear").all()
+
+
+def test_line_metrics_match_a_hand_evaluation():
+    """Connectivity.rows against a loop over α that evaluates the network itself: the two
+    children are the program's runs with the cell's and the second minibatch order."""
+    from ntk_tickets import load_dataset
+    from ntk_tickets.experiments import run_dense
+    from ntk_tickets.masks import ones_like
+    from ntk_tickets.stability import Connectivity
+
+    cfg = _study("data.name='digits'", "train.loss='xent'", "metrics=['loss','accuracy']")
+    data = load_dataset(cfg.data, cfg.train.loss)
+    cell = run_dense(cfg, data, 16)
+    conn = Connectivity(cfg, cell, data)
+    ones = ones_like(cell.setup.params0)
+    first = cell.trajectories["exact"]
+    rows = conn.rows("exact", first, cell.setup.params0, ones, 0)
+    second = conn.second_child("exact", cell.setup.params0, ones, 0)
+    assert not np.array_equal(np.asarray(conn.order), np.asarray(cell.setup.batches))
+    apply = cell.setup.model.apply_fn
+    for i, seed in enumerate(cell.setup.seeds):
+        t1, t2 = (jax.tree_util.tree_map(lambda a, i=i: a[i], p)
+                  for p in (first.params, second.params))
+        losses, errors = [], []
+        for a in conn.alphas:
+            theta = jax.tree_util.tree_map(lambda x, y, a=a: (1 - a) * x + a * y, t1, t2)
+            logits = np.asarray(apply(theta, data.x_train), dtype=float)
+            logp = logits - np.log(np.exp(logits - logits.max(1, keepdims=True)).sum(
+                1, keepdims=True)) - logits.max(1, keepdims=True)
+            losses.append(-np.mean(logp[np.arange(len(data.y_train)), data.y_train]))
+            test = np.asarray(apply(theta, data.x_test)).argmax(1)
+            errors.append(np.mean(test != data.y_test))
+        got = {r["metric"]: r["value"] for r in rows if r["seed"] == seed}
+        assert got["loss_barrier"] == pytest.approx(
+            loss_barrier(np.array(losses), conn.alphas), abs=1e-5)
+        assert got["instability"] == pytest.approx(instability(np.array(errors)), abs=1e-9)

@@ -16,9 +16,10 @@ from ntk_tickets import (
     run_study,
     with_overrides,
 )
+from ntk_tickets.cells import run_width
 from ntk_tickets.experiments import run_dense
 from ntk_tickets.masks import apply_mask, sparsity
-from ntk_tickets.tickets import find_masks, run_ticket_width, run_tickets
+from ntk_tickets.tickets import find_masks, run_tickets
 
 SMALL = ["data.name='digits'", "data.n_train=64", "data.n_test=32", "train.steps=30",
          "train.learning_rate=1.0", "train.log_points=3", "train.seeds=[0,1]",
@@ -186,7 +187,7 @@ def test_imp_tickets_beat_random_masks_at_high_sparsity():
         "tickets.rounds=4", "tickets.prune_fraction=0.5", "tickets.eval_paths=['exact']",
         "tickets.controls=['random']"])
     data = load_dataset(cfg.data, cfg.train.loss)
-    frame = records_frame(run_ticket_width(cfg, data, 48).rows)
+    frame = records_frame(run_width(cfg, data, 48).rows)
     final = frame[(frame.step == cfg.train.steps) & (frame.split == "test")
                   & (frame["round"] == 4)]
     imp = final[final["mask"] == "imp"].set_index("seed")["value"]
@@ -215,3 +216,40 @@ def test_bad_ticket_values_name_the_field(override, message):
 def test_ticket_paths_must_be_run():
     with pytest.raises(UserInputError, match="leaves it out"):
         with_overrides(StudyConfig(), ["paths=['exact']", "tickets.rounds=1"])
+
+
+def test_a_rewind_sweep_reproduces_each_single_rewind_study(tmp_path):
+    """tickets.rewind_step = [0, 3]: its k = 0 records are today's rewind-0 tickets and its
+    k = 3 records the rewind-3 ones, value for value; the masks are kept per k, and one
+    program per path serves every k (one compile each)."""
+    base = ["tickets.rounds=2", "tickets.prune_fraction=0.5", "tickets.controls=['random']",
+            "tickets.eval_paths=['exact','linear']"]
+    swept = _cfg(*base, "tickets.rewind_step=[0, 3]")
+    data = load_dataset(swept.data, swept.train.loss)
+    result = run_width(swept, data, 16)
+    frame = records_frame([{**r, "width": 16} for r in result.rows])
+    assert result.compile_s > 0
+    cell = run_dense(swept, data, 16)
+    for k in (0, 3):
+        single = _cfg(*base, f"tickets.rewind_step={k}")
+        alone = records_frame([{**r, "width": 16} for r in run_width(single, data, 16).rows])
+        alone = alone[alone["mask"] != "dense"]
+        got = frame[(frame["mask"] != "dense") & (frame["rewind_step"] == k)]
+        assert (alone["rewind_step"] == k).all()
+        keys = ["seed", "mask", "round", "path", "split", "metric", "step"]
+        # the sweep records every rewind step too, so it holds more steps than each study
+        both = alone.merge(got, on=keys, suffixes=("_alone", "_swept"), validate="1:1")
+        assert len(both) == len(alone) and set(got["step"]) >= set(alone["step"])
+        np.testing.assert_array_equal(both["value_swept"], both["value_alone"])
+    # θ_k of another k comes from the same compiled program, trained again
+    for path, program in cell.programs.items():
+        before = len(program._compiled)
+        cell.rewind_point(path, 3)
+        assert len(program._compiled) == before == 1
+    study = run_study(with_overrides(swept, ["model.widths=[16]"]), tmp_path / "swept",
+                      log=lambda _: None)
+    assert study.computed
+    mask = load_masks(tmp_path / "swept", 16, "imp", 2, 1, rewind_step=3)
+    assert sparsity(mask, False) == pytest.approx(0.75, abs=0.01)
+    with pytest.raises(UserInputError, match="sweeps the rewind step over \\[0, 3\\]"):
+        load_masks(tmp_path / "swept", 16, "imp", 2, 1)
