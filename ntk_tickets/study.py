@@ -59,6 +59,15 @@ def x64_enabled(cfg: StudyConfig) -> bool:
     return cfg.train.x64 or env
 
 
+def x64_note(x64: bool, backend: str) -> str:
+    """A warning for float64 on a TPU, which emulates it in software (several times slower,
+    and not every operation is supported); empty otherwise."""
+    if x64 and backend == "tpu":
+        return ("warning: float64 on a TPU is emulated in software (several times slower); "
+                "set train.x64 = false (and unset JAX_ENABLE_X64) unless the study needs it")
+    return ""
+
+
 @dataclasses.dataclass
 class StudyReport:
     """What a run did: cells computed now, cells found finished, and diverged cells."""
@@ -250,6 +259,8 @@ def run_study(cfg: StudyConfig, out_dir: str | Path, *, force: bool = False,
                        f"{out_dir} (use --force to recompute)")
         return report
     check_memory(cfg, data, todo, x64)
+    if x64_note(x64, jax.default_backend()):
+        (log or print)(x64_note(x64, jax.default_backend()))
     # Ray is reached before the store opens, so that an unreachable cluster leaves the
     # folder as it was (even with --force).
     cluster = (ray_cluster(ray_address, workers or default_workers(len(todo)))

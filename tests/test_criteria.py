@@ -291,3 +291,20 @@ def test_dispatcher_routes_each_name_eagerly_and_under_jit():
         np.testing.assert_allclose(ravel_pytree(at_init_scores_jit(method, *args))[0],
                                    expected, rtol=1e-4, atol=1e-6 * np.max(np.abs(expected)),
                                    err_msg=method)
+
+
+def test_ntk_saliency_memory_does_not_grow_with_the_samples():
+    """The compiled estimator's temporary memory is the same for S = 64 and S = 4096, and
+    below what one (S, P) array of directions would take: the directions are drawn and
+    differentiated PROBE_CHUNK at a time (XLA's own memory analysis of the program)."""
+    model, params, x_probe, flat, *_ = _ntk_setup()
+
+    def temp_bytes(n_samples):
+        compiled = ntk_saliency_jit.lower(model.apply_fn, params, x_probe,
+                                          jax.random.PRNGKey(0), n_samples).compile()
+        analysis = compiled.memory_analysis()
+        if analysis is None:
+            pytest.skip("this backend gives no memory analysis")
+        return analysis.temp_size_in_bytes
+
+    assert temp_bytes(4096) == temp_bytes(64) < 4096 * flat.size * flat.dtype.itemsize

@@ -118,3 +118,38 @@ def test_install_step_works_with_an_externally_managed_system_python(tmp_path):
 
     # Nothing went into the system interpreter: it finds the same uv (normally none) as before.
     assert _find_uv(SYSTEM_PYTHON, env, tmp_path) == uv_before
+
+
+def test_the_accelerator_extras_are_locked_with_the_cpu_jaxlib():
+    """`--extra cuda12` and `--extra tpu` resolve from the lock: the lock holds the CUDA
+    plugin and libtpu under those extras, the CUDA plugin at the locked jaxlib's version
+    (a plugin of another version refuses to load), and `uv lock --check` finds the lock in
+    step with pyproject.toml."""
+    import tomllib
+
+    lock = tomllib.loads((ROOT / "uv.lock").read_text())
+
+    def versions(name):
+        return {p["version"] for p in lock["package"] if p["name"] == name}
+
+    for jax in (p for p in lock["package"] if p["name"] == "jax"):
+        extras = jax.get("optional-dependencies", {})
+        assert {"cuda12", "tpu"} <= set(extras), sorted(extras)
+        plugin = {d["version"] for d in extras["cuda12"] if d["name"] == "jax-cuda12-plugin"}
+        assert plugin == {jax["version"]} and jax["version"] in versions("jaxlib")
+        assert "libtpu" in {d["name"] for d in extras["tpu"]}
+    (project,) = [p for p in lock["package"] if p["name"] == "ntk-tickets"]
+    assert set(project["optional-dependencies"]) == {"cuda12", "tpu"}
+    uv = ROOT / ".uv" / "bin" / "uv"
+    if not uv.exists():
+        pytest.skip("uv is installed by the README's test command (.uv/bin/uv)")
+    check = subprocess.run([str(uv), "lock", "--check", "--offline"], cwd=ROOT,
+                           capture_output=True, text=True)
+    assert check.returncode == 0, check.stderr
+
+
+def test_float64_on_a_tpu_is_warned_about():
+    from ntk_tickets.study import x64_note
+
+    assert "emulated" in x64_note(True, "tpu") and "\n" not in x64_note(True, "tpu")
+    assert x64_note(False, "tpu") == x64_note(True, "cpu") == x64_note(True, "gpu") == ""
