@@ -57,8 +57,10 @@ def _spread(stats: pd.DataFrame) -> list:
 
 
 def rewind_sweep(records: pd.DataFrame, *, path: str = "exact") -> Figure:
-    """Test accuracy (test loss for regression) of every ticket and control against the
-    rewind step k, one line per sparsity, one panel per width; the dense network dashed.
+    """Test accuracy (test loss for regression) of the ticket families (``imp``,
+    ``imp_rescaled``, …) and the first control against the rewind step k, one line per
+    sparsity (colour) and family (line style; the control dotted), one panel per width; the
+    dense network dashed.
 
     Raises:
       ValueError: when the records hold fewer than two rewind steps of masked networks.
@@ -73,7 +75,8 @@ def rewind_sweep(records: pd.DataFrame, *, path: str = "exact") -> Figure:
                          "(tickets.rewind_step = [0, k, ...])")
     widths = sorted(rows["width"].unique())
     families = ordered(masked["mask"].unique(), last=CONTROL_MASKS)
-    shown = [families[0], *[f for f in families[1:] if f in CONTROL_MASKS][:1]]
+    tickets = [f for f in families if f not in CONTROL_MASKS]
+    shown = [*tickets, *[f for f in families if f in CONTROL_MASKS][:1]]
     sparsities = sorted(masked["sparsity"].unique())
     fig, axes = _panels(len(widths))
     for ax, width in zip(axes, widths, strict=True):
@@ -88,10 +91,10 @@ def rewind_sweep(records: pd.DataFrame, *, path: str = "exact") -> Figure:
                 if line.empty:
                     continue
                 control = family in CONTROL_MASKS
-                ax.errorbar(line["rewind_step"], line["mean"],
-                            yerr=_spread(line),
+                style = ":" if control else ("-", "--", "-.")[tickets.index(family) % 3]
+                ax.errorbar(line["rewind_step"], line["mean"], yerr=_spread(line),
                             color=f"C{i}", marker="s" if control else "o", markersize=4,
-                            capsize=3, linestyle=":" if control else "-",
+                            capsize=3, linestyle=style,
                             label=f"{family}, {sparsity:.1%} pruned")
         _symlog_steps(ax, masked["rewind_step"])
         ax.set_title(f"width {width}")
