@@ -24,7 +24,7 @@ from ntk_tickets.experiments import CellResult, DenseCell, finish_cell, run_dens
 from ntk_tickets.results import mask_arrays
 from ntk_tickets.stability import Connectivity, run_stability
 from ntk_tickets.subspace import run_subspace
-from ntk_tickets.tickets import run_tickets
+from ntk_tickets.tickets import family_name, run_tickets, search_paths
 
 
 def _program_seconds(cell: DenseCell) -> float:
@@ -32,13 +32,15 @@ def _program_seconds(cell: DenseCell) -> float:
 
 
 def _imp_masks(cfg: StudyConfig, cell: DenseCell, kept: dict) -> dict[str, Any] | None:
-    """What ``axis_imp`` ranks by: the IMP masks of every round at the subspace's anchor
-    (the first rewind step's when the anchor is not one of them), and the dense θ_T."""
+    """What ``axis_imp`` ranks by: the masks of every round of the first IMP search (exact,
+    or linear with ``search_path = "linear"``) at the subspace's anchor (the first rewind
+    step's when the anchor is not one of them), and the dense θ_T."""
     if cfg.subspace is None or "axis_imp" not in cfg.subspace.kinds:
         return None
     steps = rewind_steps(cfg.tickets)
     k = cfg.subspace.start_step if cfg.subspace.start_step in steps else steps[0]
-    family = "imp" if len(steps) == 1 else f"imp@{k}"
+    family = family_name(cfg.tickets.method, search_paths(cfg.tickets)[0])
+    family = family if len(steps) == 1 else f"{family}@{k}"
     path = "exact" if "exact" in cell.trajectories else "linear"
     return {"masks": [kept[family, r] for r in range(1, cfg.tickets.rounds + 1)],
             "final": cell.trajectories[path].params}

@@ -178,7 +178,9 @@ def run_stability(cfg: Any, cell: Any, data: Any,
     spawn point (Fort et al. 2020), which is the θ0 linearization at k = 0. Records per
     path and k (column ``spawn_step``): the line metrics (experiment ``stability``), and
     the first child's own records (experiment ``spawn``), among them the ``function_gap``
-    of the θ_k-linear child to the exact one.
+    of the θ_k-linear child to the exact one. The first child at k > 0 is trained again
+    rather than taken from the dense run: like a rewound ticket, it restarts the optimizer
+    (momentum, Adam moments) at k, which the dense run does not.
     """
     setup = cell.setup
     anchor = "exact" if "exact" in cell.programs else "linear"

@@ -169,3 +169,15 @@ def test_subspace_study_records_kind_and_dimension():
     loss = final.groupby(["subspace", "dim"])["value"].mean()
     for kind in ("gaussian", "axis_random", "lottery"):
         assert loss[kind, 16] < loss[kind, 2]
+
+
+def test_axis_imp_takes_the_masks_of_a_linear_search():
+    """With tickets.search_path = 'linear' the IMP family is imp_linear: axis_imp ranks by
+    its masks (d = a round's kept count is that round's mask, so all d weights are kept)."""
+    cfg = _cfg("train.steps=10", "tickets.rounds=1", "tickets.prune_fraction=0.5",
+               "tickets.controls=[]", "tickets.search_path='linear'",
+               "tickets.eval_paths=['linear']", "subspace.kinds=['axis_imp']",
+               "subspace.dims=[4]")
+    data = load_dataset(cfg.data, cfg.train.loss)
+    frame = records_frame([{**r, "width": 8} for r in run_width(cfg, data, 8).rows])
+    assert set(frame.loc[frame.experiment == "subspace", "subspace"]) == {"axis_imp"}
