@@ -73,11 +73,30 @@ def _cmd_list(args: argparse.Namespace) -> None:
               + (f" [{runtime} on 2 CPU cores]" if runtime else ""))
 
 
+def _keep_compiled_programs() -> None:
+    """Points JAX's persistent compilation cache at ``$NTK_TICKETS_XLA_CACHE`` (default
+    ``~/.cache/ntk_tickets/xla``; ``off`` turns it off), unless ``JAX_COMPILATION_CACHE_DIR``
+    is set. Set through the environment before JAX is imported, so worker processes share it.
+    A second run of the same shapes then loads its programs instead of compiling them
+    (``benchmarks/bench_job.py``)."""
+    if "JAX_COMPILATION_CACHE_DIR" in os.environ:
+        return
+    default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ntk_tickets"
+    folder = os.environ.get("NTK_TICKETS_XLA_CACHE", str(default / "xla"))
+    if folder.lower() == "off":
+        return
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = folder
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.05")
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+
+
 def _run(spec: str, overrides: Sequence[str], out: str | None, force: bool,
          **executor_options) -> Path:
     from ntk_tickets.preset_files import resolve_config
 
     cfg = resolve_config(spec, overrides)  # bad input is refused before JAX is imported
+    if "jax" not in sys.modules:
+        _keep_compiled_programs()
     from ntk_tickets.results import load_records
     from ntk_tickets.study import run_study, ticket_table, width_table
 
@@ -135,6 +154,8 @@ def _summarize_escape(folder: Path, records, config: dict) -> None:
 
 def _summarize_connectivity(records) -> None:
     """The stability table and d_int90 of the studies that have them."""
+    if not records["experiment"].isin(["stability", "subspace"]).any():
+        return  # no need to import the figures' module (and matplotlib) for nothing
     from ntk_tickets.connectivity_figures import stability_table, subspace_table
 
     stability = stability_table(records)

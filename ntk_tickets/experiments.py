@@ -56,6 +56,8 @@ from ntk_tickets.training import (
     Trajectory,
     batch_order,
     log_spaced_steps,
+    map_seeds,
+    seeds_in_parallel,
 )
 
 
@@ -399,12 +401,12 @@ def _closed_form_outputs(cfg: StudyConfig, setup: CellSetup, data: Dataset,
 
     out = {}
     if "entk" in cfg.paths:
-        per_seed = [kernels.empirical_ntk_predictions(
-            model.apply_fn, _unstack(params0, i), x_train, y_train, x_test,
-            cfg.train.learning_rate, times, cache=model.cache, **options)
-            for i in range(n_seeds)]
-        out["entk"] = outputs("entk", *(np.stack([np.asarray(p[j]) for p in per_seed])
-                                        for j in (0, 1)))
+        budget = kernels.NTK_MAX_BYTES // (n_seeds if seeds_in_parallel() else 1)
+        out["entk"] = outputs("entk", *(np.asarray(f) for f in map_seeds(
+            lambda p: kernels.empirical_ntk_predictions(
+                model.apply_fn, p, x_train, y_train, x_test, cfg.train.learning_rate, times,
+                cache=model.cache, max_bytes=budget, **options),
+            params0)))
     infinite = [p for p in ("ntk", "nngp") if p in cfg.paths]
     if infinite:
         predictions = kernels.infinite_width_predictions(

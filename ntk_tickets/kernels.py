@@ -59,6 +59,8 @@ from ntk_tickets._nt import check_ntk_implementation, nt
 from ntk_tickets.errors import UserInputError
 from ntk_tickets.models import parameter_count
 
+NTK_MAX_BYTES = 2**31  # default budget of one empirical-NTK computation (bytes)
+
 PyTree = Any
 
 
@@ -138,7 +140,7 @@ def _blocked_ntk(ntk_fn: Callable, params: PyTree, x1: jax.Array, x2: jax.Array,
 def empirical_ntk(apply_fn: Callable, params: PyTree, x1: jax.Array,
                   x2: jax.Array | None = None, *, trace: bool = True,
                   implementation: str = "ntk_vector_products",
-                  max_bytes: int = 2**31, cache: MutableMapping | None = None) -> jax.Array:
+                  max_bytes: int = NTK_MAX_BYTES, cache: MutableMapping | None = None) -> jax.Array:
     """The empirical NTK Θ̂(x1, x2) = J(θ, x1) J(θ, x2)ᵀ at ``params``.
 
     Args:
@@ -223,7 +225,7 @@ def relative_frobenius(a: jax.Array, b: jax.Array) -> jax.Array:
 
 
 def ntk_init_error(apply_fn: Callable, kernel_fn: Callable, params0: PyTree,
-                   x_probe: jax.Array, *, max_bytes: int = 2**31,
+                   x_probe: jax.Array, *, max_bytes: int = NTK_MAX_BYTES,
                    cache: MutableMapping | None = None) -> jax.Array:
     """Metric ``ntk_init_error``: distance of the empirical NTK at θ0 from the analytic one.
 
@@ -243,7 +245,7 @@ def ntk_init_error(apply_fn: Callable, kernel_fn: Callable, params0: PyTree,
 
 
 def ntk_change(apply_fn: Callable, params: PyTree, params0: PyTree, x_probe: jax.Array, *,
-               max_bytes: int = 2**31) -> jax.Array:
+               max_bytes: int = NTK_MAX_BYTES) -> jax.Array:
     """Metric ``ntk_change``: ‖Θ̂_θ − Θ̂_θ0‖_F / ‖Θ̂_θ0‖_F on the probe set (traced kernels).
 
     Args:
@@ -274,7 +276,7 @@ def empirical_ntk_predictions(apply_fn: Callable, params0: PyTree, x_train: jax.
                               y_train: jax.Array, x_test: jax.Array, learning_rate: float,
                               steps: jax.Array | None, *, diag_reg: float = 0.0,
                               output_scale: float = 1.0, center: bool = False,
-                              max_bytes: int = 2**31, cache: MutableMapping | None = None
+                              max_bytes: int = NTK_MAX_BYTES, cache: MutableMapping | None = None
                               ) -> tuple[jax.Array, jax.Array]:
     """Closed-form outputs of the linearized network under full-batch gradient flow on MSE.
 

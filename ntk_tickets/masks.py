@@ -17,9 +17,10 @@ scores within a *group*:
 Round r of a schedule with rate p keeps exactly ``round((1 − p)^r · N_g)`` of the N_g
 prunable entries of each group (:func:`prune_to_level`): rounding happens once per target,
 not once per round, so the target sparsity is hit exactly. Ties are broken
-deterministically: among equal scores the entry with the lower flat index goes first.
+deterministically: among equal scores the entry with the higher flat index is kept.
 
-The functions here work on one network (no seed axis) and on the host, with NumPy.
+The functions here work on one network (no seed axis) and on the host, with NumPy, except
+:func:`prune_to_level`, which also prunes every seed at once in one compiled program.
 
 References: Frankle & Carbin 2019 (arXiv 1803.03635); Frankle et al. 2021, "Pruning Neural
 Networks at Initialization: Why Are We Missing the Mark?" (arXiv 2009.08576), for the
@@ -29,6 +30,7 @@ random and layer-wise shuffled controls.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -106,19 +108,47 @@ def _groups(params: PyTree, spec: PruningSpec) -> dict[str, tuple[list[int], flo
     return groups
 
 
-def prune_to_level(scores: PyTree, mask: PyTree, spec: PruningSpec, level: float) -> PyTree:
+def _keep_top(score: jax.Array, kept: jax.Array, n_keep: jax.Array) -> jax.Array:
+    """The ``n_keep`` highest-scoring entries among those ``kept`` (flat arrays).
+
+    Entries are ranked by (kept, score) ascending with a stable sort, so pruned entries
+    come first, NaN scores count as the lowest, and among equal scores the lower flat index
+    ranks lower; the top ``n_keep`` ranks are kept. ``n_keep`` is an argument, so one
+    compile serves every level.
+    """
+    score = jnp.nan_to_num(score, nan=-jnp.inf)
+    order = jnp.lexsort((score, kept))
+    rank = jnp.zeros(score.shape, jnp.int32).at[order].set(
+        jnp.arange(score.size, dtype=jnp.int32))
+    return rank >= score.size - n_keep
+
+
+@jax.jit
+def _prune_groups(score_groups: list[jax.Array], kept_groups: list[jax.Array],
+                  n_keep: jax.Array) -> list[jax.Array]:
+    """:func:`_keep_top` for every group (seed axis first), one compiled program."""
+    one_seed = jax.vmap(_keep_top, in_axes=(0, 0, None))
+    return [one_seed(score, kept, n) for score, kept, n in
+            zip(score_groups, kept_groups, n_keep, strict=True)]
+
+
+def prune_to_level(scores: PyTree, mask: PyTree, spec: PruningSpec, level: float, *,
+                   seeds: bool = False) -> PyTree:
     """The mask of pruning level ``level``: the highest-scoring entries that ``mask`` keeps.
 
     Each group keeps exactly ``round((1 − p_g)^level · N_g)`` of its ``N_g`` prunable
-    entries, chosen among those ``mask`` keeps, by descending score; ties go to the lower
+    entries, chosen among those ``mask`` keeps, by descending score; ties go to the higher
     flat index; NaN scores count as the lowest. Non-prunable entries stay as in ``mask``.
+    The selection runs as one compiled JAX program, vmapped over seeds with ``seeds``.
 
     Args:
-      scores: float PyTree like the parameters (one network).
+      scores: float PyTree like the parameters.
       mask: the current mask (bool PyTree like the parameters).
       spec: groups and rates.
       level: ≥ 0; round r of a schedule is level r, level 0 keeps every prunable entry, and
         fractional levels are the intermediate targets of iterative criteria (SynFlow).
+      seeds: whether ``scores`` and ``mask`` carry a leading seed axis (pruned seed by seed
+        in one vmapped program).
 
     Returns:
       The new mask as a PyTree of NumPy bool arrays; it only removes entries from ``mask``.
@@ -126,24 +156,32 @@ def prune_to_level(scores: PyTree, mask: PyTree, spec: PruningSpec, level: float
     Raises:
       ValueError: if ``mask`` keeps fewer entries of a group than the target.
     """
-    score_leaves = [np.asarray(s, np.float64) for s in jax.tree_util.tree_leaves(scores)]
+    if not seeds:
+        add_axis = functools.partial(jax.tree_util.tree_map, lambda a: np.asarray(a)[None])
+        return jax.tree_util.tree_map(lambda a: a[0], prune_to_level(
+            add_axis(scores), add_axis(mask), spec, level, seeds=True))
+    score_leaves = jax.tree_util.tree_leaves(scores)
     mask_leaves, treedef = jax.tree_util.tree_flatten(mask)
     new = [np.array(m, dtype=bool) for m in mask_leaves]
-    for name, (leaves, rate) in _groups(mask, spec).items():
-        kept = np.concatenate([new[i].ravel() for i in leaves])
-        score = np.concatenate([np.nan_to_num(score_leaves[i].ravel(), nan=-np.inf)
-                                for i in leaves])
-        n_keep = round((1.0 - rate) ** level * kept.size)
-        if n_keep > kept.sum():
-            raise ValueError(f"group {name!r} keeps {kept.sum()} entries, fewer than the "
-                             f"{n_keep} that level {level} keeps")
-        order = np.argsort(np.where(kept, score, -np.inf), kind="stable")
-        keep = np.zeros(kept.size, bool)
-        keep[order[kept.size - n_keep:]] = True
-        offset = 0
+    one_seed = jax.tree_util.tree_unflatten(treedef, [m[0] for m in new])
+    groups = _groups(one_seed, spec)
+    n_seeds = new[0].shape[0]
+    kept, score, n_keep = [], [], []
+    for name, (leaves, rate) in groups.items():
+        kept.append(np.concatenate([new[i].reshape(n_seeds, -1) for i in leaves], axis=1))
+        score.append(jnp.concatenate([jnp.reshape(score_leaves[i], (n_seeds, -1))
+                                      for i in leaves], axis=1))
+        n_keep.append(round((1.0 - rate) ** level * kept[-1].shape[1]))
+        fewest = int(kept[-1].sum(axis=1).min())
+        if n_keep[-1] > fewest:
+            raise ValueError(f"group {name!r} keeps {fewest} entries, fewer than the "
+                             f"{n_keep[-1]} that level {level} keeps")
+    keep = _prune_groups(score, kept, jnp.asarray(n_keep, jnp.int32))
+    for (leaves, _), group_keep in zip(groups.values(), keep, strict=True):
+        group_keep, offset = np.asarray(group_keep), 0
         for i in leaves:
-            size = new[i].size
-            new[i] = keep[offset:offset + size].reshape(new[i].shape)
+            size = new[i][0].size
+            new[i] = group_keep[:, offset:offset + size].reshape(new[i].shape)
             offset += size
     return jax.tree_util.tree_unflatten(treedef, new)
 

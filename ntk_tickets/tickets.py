@@ -67,7 +67,7 @@ from ntk_tickets.masks import PruningSpec
 from ntk_tickets.optimizers import LOSSES
 from ntk_tickets.stability import Connectivity
 from ntk_tickets.ticket_methods import TICKET_METHODS
-from ntk_tickets.training import Trajectory
+from ntk_tickets.training import Trajectory, map_seeds
 
 PyTree = Any
 
@@ -104,44 +104,45 @@ def _per_seed(fn, n_seeds: int, *trees: PyTree) -> PyTree:
     return _stack([fn(i, *(_seed_slice(t, i) for t in trees)) for i in range(n_seeds)])
 
 
-def _magnitude_round_masks(scores: PyTree, spec: PruningSpec, rounds: int,
-                           n_seeds: int) -> list[PyTree]:
-    """Masks of rounds 1 … L from one set of scores (one-shot pruning to each level)."""
-    def prune(r):
-        return _per_seed(lambda i, s: masks.prune_to_level(
-            s, masks.ones_like(s), spec, r), n_seeds, scores)
-    return [prune(r) for r in range(1, rounds + 1)]
-
-
-def _synflow_masks(apply_fn, params0: PyTree, input_shape, spec: PruningSpec, rounds: int,
-                   iterations: int, n_seeds: int) -> list[PyTree]:
-    """SynFlow masks of rounds 1 … L: ``iterations`` prune-and-rescore steps to each level
-    (Tanaka et al. 2020, arXiv 2006.05467, Algorithm 1)."""
-    score_fn = jax.jit(functools.partial(criteria.synflow_scores, apply_fn,
-                                         input_shape=input_shape))
-
-    def one_seed(theta0, r):
-        mask = masks.ones_like(theta0)
-        for j in range(1, iterations + 1):
-            scores = score_fn(masks.apply_mask(theta0, mask))
-            mask = masks.prune_to_level(scores, mask, spec, r * j / iterations)
-        return mask
-
-    return [_per_seed(lambda i, p, r=r: one_seed(p, r), n_seeds, params0)
+def _magnitude_round_masks(scores: PyTree, spec: PruningSpec, rounds: int) -> list[PyTree]:
+    """Masks of rounds 1 … L from one set of scores (one-shot pruning to each level), every
+    seed at once (leading seed axis)."""
+    return [masks.prune_to_level(scores, masks.ones_like(scores), spec, r, seeds=True)
             for r in range(1, rounds + 1)]
 
 
+def _synflow_masks(apply_fn, params0: PyTree, input_shape, spec: PruningSpec, rounds: int,
+                   iterations: int) -> list[PyTree]:
+    """SynFlow masks of rounds 1 … L: ``iterations`` prune-and-rescore steps to each level
+    (Tanaka et al. 2020, arXiv 2006.05467, Algorithm 1), every seed at once (leading seed
+    axis)."""
+    score_fn = jax.jit(functools.partial(criteria.synflow_scores, apply_fn,
+                                         input_shape=input_shape))
+
+    def prune(r):
+        mask = masks.ones_like(params0)
+        for j in range(1, iterations + 1):
+            scores = map_seeds(score_fn, masks.apply_mask(params0, mask))
+            mask = masks.prune_to_level(scores, mask, spec, r * j / iterations, seeds=True)
+        return mask
+
+    return [prune(r) for r in range(1, rounds + 1)]
+
+
 def _at_init_scores(method: str, cell: DenseCell, cfg: StudyConfig) -> PyTree:
-    """Scores at θ0 of a one-pass criterion, stacked over seeds."""
+    """Scores at θ0 of a one-pass criterion, every seed at once (leading seed axis)."""
     setup = cell.setup
     keys = jax.vmap(lambda k: jax.random.fold_in(k, _SALIENCY))(setup.mask_keys)
-    score = jax.jit(functools.partial(
-        criteria.at_init_scores, method, setup.model.apply_fn,
-        loss_fn=LOSSES[cfg.train.loss], input_shape=setup.model.input_shape,
-        n_samples=cfg.tickets.saliency_samples))
-    return _stack([score(_seed_slice(setup.params0, i), x=setup.data["x_train"],
-                         y=setup.data["y_train"], key=keys[i],
-                         x_probe=setup.data["x_probe"]) for i in range(len(setup.seeds))])
+
+    def score(params, key, x, y, x_probe):
+        return criteria.at_init_scores(
+            method, setup.model.apply_fn, params, x=x, y=y, key=key, x_probe=x_probe,
+            loss_fn=LOSSES[cfg.train.loss], input_shape=setup.model.input_shape,
+            n_samples=cfg.tickets.saliency_samples)
+
+    score, data = jax.jit(score), setup.data
+    return map_seeds(lambda p, k: score(p, k, data["x_train"], data["y_train"],
+                                        data["x_probe"]), setup.params0, keys)
 
 
 def _absolute(params: PyTree) -> PyTree:
@@ -158,23 +159,22 @@ def find_masks(cfg: StudyConfig, cell: DenseCell,
       it (``imp``), so the evaluation does not train it again.
     """
     t, setup = cfg.tickets, cell.setup
-    spec, n_seeds = pruning_spec(t), len(setup.seeds)
+    spec = pruning_spec(t)
     dense = cell.trajectories[search_path]
     search = TICKET_METHODS[t.method].search
     if search == "rescored":
         return _synflow_masks(setup.model.apply_fn, setup.params0, setup.model.input_shape,
-                              spec, t.rounds, t.synflow_iterations, n_seeds), {}
+                              spec, t.rounds, t.synflow_iterations), {}
     if search == "at_init":
         scores = _at_init_scores(t.method, cell, cfg)
-        return _magnitude_round_masks(scores, spec, t.rounds, n_seeds), {}
+        return _magnitude_round_masks(scores, spec, t.rounds), {}
     if search == "oneshot":
-        return _magnitude_round_masks(_absolute(dense.params), spec, t.rounds, n_seeds), {}
+        return _magnitude_round_masks(_absolute(dense.params), spec, t.rounds), {}
     program, theta_k = cell.programs[search_path], cell.rewind_point(search_path,
                                                                     t.rewind_step)
     mask, trained, found, traj = masks.ones_like(setup.params0), {}, [], dense
     for r in range(1, t.rounds + 1):
-        mask = _per_seed(lambda i, p, m, r=r: masks.prune_to_level(_absolute(p), m, spec, r),
-                         n_seeds, traj.params, mask)
+        mask = masks.prune_to_level(_absolute(traj.params), mask, spec, r, seeds=True)
         traj = program(masks.apply_mask(theta_k, mask), setup.data, setup.batches, mask,
                        t.rewind_step, start_step=t.rewind_step)
         found.append(mask)

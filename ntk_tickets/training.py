@@ -114,11 +114,74 @@ def _n_seeds(params0: PyTree) -> int:
     return jax.tree_util.tree_leaves(params0)[0].shape[0]
 
 
+@dataclasses.dataclass(frozen=True)
+class _OneSeed:
+    """The pieces of one seed's training run, shared by both loops (:data:`LOOPS`).
+
+    ``init(params0, data) -> (opt_state, h0)``; ``step(i, params, opt_state, params0,
+    update_mask, data, batches, lr_factors) -> (params, opt_state)`` takes step ``i``;
+    ``record(params, params0, data, h0) -> dict`` is what a recorded step stores.
+    """
+
+    init: Callable
+    step: Callable
+    record: Callable
+
+
+def _one_seed(fn: ModelFn, cfg: TrainConfig, *,
+              probe_kernel_fn: Callable[[PyTree, jax.Array], jax.Array] | None,
+              feature_fn: ModelFn | None,
+              snapshot_fn: Callable[[PyTree], jax.Array] | None) -> _OneSeed:
+    optimizer = make_optimizer(cfg)
+    loss_fn = LOSSES[cfg.loss]
+
+    def init(params0, data):
+        h0 = None if feature_fn is None else feature_fn(params0, params0, data["x_test"])
+        return optimizer.init(params0), h0
+
+    def step(i, params, opt_state, params0, update_mask, data, batches, lr_factors):
+        if cfg.batch_size:
+            x, y = data["x_train"][batches[i]], data["y_train"][batches[i]]
+        else:
+            x, y = data["x_train"], data["y_train"]
+        grads = jax.grad(lambda p: loss_fn(fn(p, params0, x), y))(params)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        updates = scale_updates(updates, lr_factors)
+        if update_mask is not None:
+            updates = jax.tree_util.tree_map(
+                lambda u, m: jnp.where(m, u * m, jnp.zeros_like(u)), updates, update_mask)
+        return optax.apply_updates(params, updates), opt_state
+
+    def record(params, params0, data, h0):
+        delta = jax.tree_util.tree_map(jnp.subtract, params, params0)
+        out = {"f_train": fn(params, params0, data["x_train"]),
+               "f_test": fn(params, params0, data["x_test"]),
+               "sq_change": _layer_sq_norms(delta)}
+        if probe_kernel_fn is not None:
+            out["probe_kernel"] = probe_kernel_fn(params, data["x_probe"])
+        if feature_fn is not None:
+            h = feature_fn(params, params0, data["x_test"])
+            out["feature_sq_change"] = jnp.sum((h - h0) ** 2)
+        if snapshot_fn is not None:
+            out["snapshot"] = snapshot_fn(params)
+        return out
+
+    return _OneSeed(init, step, record)
+
+
+def _outputs(recorded: dict, params0, params, params_rewind, h0) -> tuple:
+    """The fields of :class:`Trajectory` after ``steps``, in order, for one seed."""
+    return (recorded["f_train"], recorded["f_test"], recorded["sq_change"],
+            _layer_sq_norms(params0), params, params_rewind, recorded.get("probe_kernel"),
+            recorded.get("feature_sq_change"), None if h0 is None else jnp.sum(h0 ** 2),
+            recorded.get("snapshot"))
+
+
 def make_train_fn(fn: ModelFn, cfg: TrainConfig, record_steps: np.ndarray, *,
                   probe_kernel_fn: Callable[[PyTree, jax.Array], jax.Array] | None = None,
                   feature_fn: ModelFn | None = None,
                   snapshot_fn: Callable[[PyTree], jax.Array] | None = None) -> Callable:
-    """Builds the jitted, seed-vmapped training program.
+    """Builds the jitted, seed-vmapped training program (the ``fused`` loop).
 
     Args:
       fn: ``(params, params0, x) -> outputs``.
@@ -154,43 +217,13 @@ def make_train_fn(fn: ModelFn, cfg: TrainConfig, record_steps: np.ndarray, *,
       (DESIGN.md §3), so one compile serves every seed, mask and rewind step. Run it with
       :class:`TrainingProgram`.
     """
-    optimizer = make_optimizer(cfg)
-    loss_fn = LOSSES[cfg.loss]
+    parts = _one_seed(fn, cfg, probe_kernel_fn=probe_kernel_fn, feature_fn=feature_fn,
+                      snapshot_fn=snapshot_fn)
     bounds = jnp.asarray(np.stack([record_steps[:-1], record_steps[1:]], axis=1))
 
     def train_one(params0, update_mask, data, batches, rewind_step, lr_factors, start_step):
-        x_train, y_train = data["x_train"], data["y_train"]
-
-        def loss_of(params, x, y):
-            return loss_fn(fn(params, params0, x), y)
-
         def step(i, carry):
-            params, opt_state = carry
-            if cfg.batch_size:
-                x, y = x_train[batches[i]], y_train[batches[i]]
-            else:
-                x, y = x_train, y_train
-            grads = jax.grad(loss_of)(params, x, y)
-            updates, opt_state = optimizer.update(grads, opt_state, params)
-            updates = scale_updates(updates, lr_factors)
-            if update_mask is not None:
-                updates = jax.tree_util.tree_map(
-                    lambda u, m: jnp.where(m, u * m, jnp.zeros_like(u)), updates, update_mask)
-            return optax.apply_updates(params, updates), opt_state
-
-        def record(params):
-            delta = jax.tree_util.tree_map(jnp.subtract, params, params0)
-            out = {"f_train": fn(params, params0, x_train),
-                   "f_test": fn(params, params0, data["x_test"]),
-                   "sq_change": _layer_sq_norms(delta)}
-            if probe_kernel_fn is not None:
-                out["probe_kernel"] = probe_kernel_fn(params, data["x_probe"])
-            if feature_fn is not None:
-                h = feature_fn(params, params0, data["x_test"])
-                out["feature_sq_change"] = jnp.sum((h - h0) ** 2)
-            if snapshot_fn is not None:
-                out["snapshot"] = snapshot_fn(params)
-            return out
+            return parts.step(i, *carry, params0, update_mask, data, batches, lr_factors)
 
         def segment(carry, bound):
             params, opt_state, params_rewind = carry
@@ -198,18 +231,15 @@ def make_train_fn(fn: ModelFn, cfg: TrainConfig, record_steps: np.ndarray, *,
                                                   bound[1], step, (params, opt_state))
             params_rewind = jax.tree_util.tree_map(
                 lambda a, b: jnp.where(bound[1] == rewind_step, a, b), params, params_rewind)
-            return (params, opt_state, params_rewind), record(params)
+            return (params, opt_state, params_rewind), parts.record(params, params0, data, h0)
 
-        h0 = None if feature_fn is None else feature_fn(params0, params0, data["x_test"])
-        first = record(params0)
-        carry = (params0, optimizer.init(params0), params0)
-        (params, _, params_rewind), rest = jax.lax.scan(segment, carry, bounds)
+        opt_state, h0 = parts.init(params0, data)
+        first = parts.record(params0, params0, data, h0)
+        (params, _, params_rewind), rest = jax.lax.scan(
+            segment, (params0, opt_state, params0), bounds)
         recorded = jax.tree_util.tree_map(lambda a, b: jnp.concatenate([a[None], b]),
                                           first, rest)
-        return (recorded["f_train"], recorded["f_test"], recorded["sq_change"],
-                _layer_sq_norms(params0), params, params_rewind,
-                recorded.get("probe_kernel"), recorded.get("feature_sq_change"),
-                None if h0 is None else jnp.sum(h0 ** 2), recorded.get("snapshot"))
+        return _outputs(recorded, params0, params, params_rewind, h0)
 
     def train(params0, update_mask, data, batches, rewind_step, lr_factors, start_step):
         if _n_seeds(params0) > 1:
@@ -217,12 +247,105 @@ def make_train_fn(fn: ModelFn, cfg: TrainConfig, record_steps: np.ndarray, *,
                 params0, update_mask, data, batches, rewind_step, lr_factors, start_step)
         # One seed: run unbatched. XLA:CPU runs a batched matmul of batch 1 at about half
         # the speed of the plain one (benchmarks/bench_engine.py).
-        squeeze = functools.partial(jax.tree_util.tree_map, lambda a: a[0])
-        out = train_one(squeeze(params0), squeeze(update_mask), data, squeeze(batches),
+        out = train_one(_seed(params0, 0), _seed(update_mask, 0), data, _seed(batches, 0),
                         rewind_step, lr_factors, start_step)
         return jax.tree_util.tree_map(lambda a: a[None], out)
 
     return jax.jit(train)
+
+
+def _seed(tree: PyTree, s: int) -> PyTree:
+    return jax.tree_util.tree_map(lambda a: a[s], tree)
+
+
+def seeds_in_parallel() -> bool:
+    """Whether :func:`map_seeds` vmaps (on accelerators) rather than loops (on the CPU)."""
+    return jax.default_backend() != "cpu"
+
+
+def map_seeds(fn: Callable, *stacked: PyTree) -> PyTree:
+    """``fn`` of every seed of ``stacked`` (PyTrees with a leading seed axis), stacked again.
+
+    On an accelerator this is ``jax.vmap(fn)``. On the CPU the seeds run one after another
+    through the same compiled code: XLA:CPU runs the batched matmuls and convolutions that
+    ``vmap`` makes slower than the seeds in turn (measured on 2 cores: the empirical-NTK
+    closed form of the demo at width 256, 4 seeds, 27 s vmapped against 22 s in turn;
+    ``benchmarks/bench_cnn.py`` for convolutions).
+    """
+    if seeds_in_parallel():
+        return jax.vmap(fn)(*stacked)
+    n_seeds = jax.tree_util.tree_leaves(stacked)[0].shape[0]
+    runs = [fn(*(_seed(tree, s) for tree in stacked)) for s in range(n_seeds)]
+    return jax.tree_util.tree_map(lambda *a: jnp.stack(a), *runs)
+
+
+class _Stepwise:
+    """The ``stepwise`` loop: a host loop over jitted single steps, one seed at a time.
+
+    The same steps and records as :func:`make_train_fn`, in three compiled programs per
+    shape (start, step, record). On XLA:CPU a convolution's gradient inside a ``while`` loop
+    is emitted without the library convolution (the transposed kernel keeps a
+    non-canonical layout there; 40–90× slower, jax-ml/jax#12868), while the same step as its
+    own program runs at full speed; seeds run one after another because vmapped
+    convolutions become grouped ones, slower than the seeds in turn
+    (``benchmarks/bench_cnn.py``).
+    """
+
+    def __init__(self, parts: _OneSeed, record_steps: np.ndarray):
+        self.record_steps = record_steps
+
+        def start(params0, data):
+            opt_state, h0 = parts.init(params0, data)
+            return opt_state, h0, parts.record(params0, params0, data, h0)
+
+        self._start = jax.jit(start)
+        self._step = jax.jit(parts.step)
+        self._record = jax.jit(parts.record)
+
+    def compile(self, args: tuple) -> Callable:
+        """The loop compiled for the shapes of ``args`` (the training program's arguments)."""
+        params0, update_mask, data, batches, _, lr_factors, _ = args
+        one = _seed(params0, 0)
+        opt_state, h0, _ = jax.eval_shape(self._start, one, data)
+        programs = (self._start.lower(one, data).compile(),
+                    self._step.lower(np.int32(0), one, opt_state, one, _seed(update_mask, 0),
+                                     data, _seed(batches, 0), lr_factors).compile(),
+                    self._record.lower(one, one, data, h0).compile())
+        return functools.partial(self._run, *programs)
+
+    def _run(self, start, step, record, params0, update_mask, data, batches, rewind_step,
+             lr_factors, start_step) -> tuple:
+        rewind_step, start_step = int(rewind_step), int(start_step)
+        runs = []
+        for s in range(_n_seeds(params0)):
+            theta0, mask, order = _seed(params0, s), _seed(update_mask, s), _seed(batches, s)
+            opt_state, h0, first = start(theta0, data)
+            params, params_rewind, recorded = theta0, theta0, [first]
+            for lo, hi in zip(self.record_steps[:-1], self.record_steps[1:], strict=True):
+                for i in range(max(int(lo), start_step), int(hi)):
+                    params, opt_state = step(np.int32(i), params, opt_state, theta0, mask,
+                                             data, order, lr_factors)
+                if hi == rewind_step:
+                    params_rewind = params
+                recorded.append(record(params, theta0, data, h0))
+            recorded = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *recorded)
+            runs.append(_outputs(recorded, theta0, params, params_rewind, h0))
+        return jax.tree_util.tree_map(lambda *a: jnp.stack(a), *runs)
+
+
+LOOPS = ("auto", "fused", "stepwise")
+
+
+def _has_convolution(jaxpr: Any) -> bool:
+    """Whether a (closed) jaxpr or a jaxpr nested in its equations has a convolution."""
+    for eqn in getattr(jaxpr, "jaxpr", jaxpr).eqns:
+        if eqn.primitive.name == "conv_general_dilated":
+            return True
+        for value in eqn.params.values():
+            for v in value if isinstance(value, (tuple, list)) else (value,):
+                if hasattr(getattr(v, "jaxpr", v), "eqns") and _has_convolution(v):
+                    return True
+    return False
 
 
 class TrainingProgram:
@@ -240,19 +363,32 @@ class TrainingProgram:
 
     ``lr_factors`` (per-parameter learning-rate factors, :func:`ntk_tickets.regimes.lr_factors`)
     is kept and passed to the program as an argument at every call.
+
+    ``loop`` (one of :data:`LOOPS`) is how the steps run: ``fused`` is one program with the
+    loop inside (:func:`make_train_fn`), ``stepwise`` a host loop over one compiled step,
+    one seed at a time (:class:`_Stepwise`); ``auto`` takes ``stepwise`` for a network with
+    convolutions on the CPU and ``fused`` otherwise. Both record the same trajectory (to
+    rounding). The loop taken is ``self.loop`` after the first call.
     """
 
     def __init__(self, fn: ModelFn, cfg: TrainConfig, record_steps: np.ndarray, *,
                  probe_kernel_fn: Callable[[PyTree, jax.Array], jax.Array] | None = None,
                  feature_fn: ModelFn | None = None, lr_factors: PyTree | None = None,
-                 snapshot_fn: Callable[[PyTree], jax.Array] | None = None):
+                 snapshot_fn: Callable[[PyTree], jax.Array] | None = None,
+                 loop: str = "auto"):
+        if loop not in LOOPS:
+            raise ValueError(f"loop {loop!r} is not one of {LOOPS}")
         self.fn = fn  # the trained function (params, params0, x) -> outputs
+        self.loop = loop
         self.record_steps = np.asarray(record_steps)
         self.lr_factors = (None if lr_factors is None
                            else jax.tree_util.tree_map(jnp.asarray, lr_factors))
         self._train = make_train_fn(fn, cfg, self.record_steps,
                                     probe_kernel_fn=probe_kernel_fn, feature_fn=feature_fn,
                                     snapshot_fn=snapshot_fn)
+        self._stepwise = _Stepwise(_one_seed(fn, cfg, probe_kernel_fn=probe_kernel_fn,
+                                             feature_fn=feature_fn, snapshot_fn=snapshot_fn),
+                                   self.record_steps)
         self._compiled: dict[Any, Any] = {}
         self.compile_s = 0.0
         self.run_s = 0.0
@@ -278,9 +414,20 @@ class TrainingProgram:
         key = (treedef, tuple((leaf.shape, leaf.dtype) for leaf in leaves))
         if key not in self._compiled:
             start = time.perf_counter()
-            self._compiled[key] = self._train.lower(*args).compile()
+            self._compiled[key] = self._compile(args)
             self.compile_s += time.perf_counter() - start
         start = time.perf_counter()
         out = jax.block_until_ready(self._compiled[key](*args))
         self.run_s += time.perf_counter() - start
         return Trajectory(self.record_steps, *out)
+
+    def _compile(self, args: tuple) -> Callable:
+        if self.loop == "auto":
+            params0, data = args[0], args[2]
+            one = _seed(params0, 0)
+            forward = jax.make_jaxpr(self.fn)(one, one, data["x_train"])
+            on_cpu = jax.default_backend() == "cpu"
+            self.loop = "stepwise" if on_cpu and _has_convolution(forward) else "fused"
+        if self.loop == "stepwise":
+            return self._stepwise.compile(args)
+        return self._train.lower(*args).compile()

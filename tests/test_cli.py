@@ -1,5 +1,6 @@
 """The command line: the smoke command, config validation, and exit 2 on bad input."""
 
+import os
 import subprocess
 import sys
 
@@ -76,3 +77,28 @@ def test_help_list_config_and_bad_input_import_neither_jax_nor_pandas(args):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.splitlines()[-1] == "[]"
+
+
+def test_a_run_keeps_its_compiled_programs_for_the_next(tmp_path):
+    """`run` points JAX's persistent cache at NTK_TICKETS_XLA_CACHE: a second run of the
+    same study loads programs from it (files appear after the first run, none are added by
+    the second), and `off` keeps nothing."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_")}
+    run = [sys.executable, "-m", "ntk_tickets", "run", "demo", "--force",
+           "--set", "model.widths=[16]", "--set", "train.steps=3",
+           "--set", "train.seeds=[0]", "--set", "paths=['exact']"]
+    cache = tmp_path / "xla"
+    for attempt in range(2):
+        done = subprocess.run([*run, "--out", str(tmp_path / "r")], capture_output=True,
+                              text=True, env={**env, "NTK_TICKETS_XLA_CACHE": str(cache)})
+        assert done.returncode == 0, done.stderr
+        entries = sorted(p.name for p in cache.iterdir())
+        if attempt == 0:
+            first = entries
+            assert first
+    assert entries == first
+    done = subprocess.run([*run, "--out", str(tmp_path / "r2")], capture_output=True,
+                          text=True, env={**env, "NTK_TICKETS_XLA_CACHE": "off",
+                                          "HOME": str(tmp_path / "home")})
+    assert done.returncode == 0, done.stderr
+    assert not (tmp_path / "home").exists()

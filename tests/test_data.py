@@ -608,3 +608,14 @@ def test_too_few_points_in_files(tmp_path):
     folder = _write_idx_folder(tmp_path / "idx", _idx_arrays(), gz=True)
     with pytest.raises(UserInputError, match="data.n_train"):
         load_dataset(_cfg("idx", path=str(folder), n_train=31, n_test=5))
+
+
+def test_digits_pool_is_scikit_learns_load_digits():
+    """The digits file is read without importing scikit-learn: the same images and labels."""
+    from sklearn.datasets import load_digits
+
+    from ntk_tickets.data import _digits_source
+    (x, y), = _digits_source(_cfg("digits"), np.random.default_rng(0)).pools
+    reference = load_digits()
+    np.testing.assert_array_equal(x, reference.images[..., None] / 16.0)
+    np.testing.assert_array_equal(y, reference.target)

@@ -141,3 +141,48 @@ def test_perturbed_start_keeps_the_ticket_and_scales_the_complement(net):
         np.testing.assert_array_equal(np.asarray(h)[m], np.asarray(p)[m])
         np.testing.assert_allclose(np.asarray(h)[~m], 0.5 * np.asarray(x)[~m])
         assert np.all(np.asarray(iso)[~m] == 0.0)
+
+
+def _reference_prune(scores, mask, spec, level):
+    """The selection written out with NumPy: per group, sort (kept, score) ascending with a
+    stable sort over the concatenated flat entries and keep the last n_keep."""
+    from ntk_tickets.masks import _groups
+    score_leaves = [np.asarray(s, np.float64) for s in jax.tree_util.tree_leaves(scores)]
+    mask_leaves, treedef = jax.tree_util.tree_flatten(mask)
+    new = [np.array(m, bool) for m in mask_leaves]
+    for leaves, rate in _groups(mask, spec).values():
+        kept = np.concatenate([new[i].ravel() for i in leaves])
+        score = np.nan_to_num(np.concatenate([score_leaves[i].ravel() for i in leaves]),
+                              nan=-np.inf)
+        n_keep = round((1.0 - rate) ** level * kept.size)
+        order = np.lexsort((score, kept))
+        keep = np.zeros(kept.size, bool)
+        keep[order[kept.size - n_keep:]] = True
+        for i, part in zip(leaves, np.split(keep, np.cumsum([new[i].size for i in leaves])),
+                           strict=False):
+            new[i] = part.reshape(new[i].shape)
+    return jax.tree_util.tree_unflatten(treedef, new)
+
+
+@pytest.mark.parametrize("scope", ["global", "layer"])
+def test_all_seeds_at_once_equal_each_seed_and_the_numpy_selection(net, scope, x64):
+    """Scores with many ties and NaNs, a mask already pruned once: the vmapped program
+    keeps exactly what the NumPy selection keeps, for every seed."""
+    _, params = net
+    spec = PruningSpec(0.4, scope=scope, prune_biases=True, output_fraction=0.2)
+    rng = np.random.default_rng(1)
+    scores = jax.tree_util.tree_map(
+        lambda p: np.where(rng.random((3, *p.shape)) < 0.05, np.nan,
+                           rng.integers(0, 6, (3, *p.shape))).astype(np.float32), params)
+    start = prune_to_level(scores, ones_like(scores), spec, 1, seeds=True)
+    together = prune_to_level(scores, start, spec, 2.5, seeds=True)
+    for s in range(3):
+        one = jax.tree_util.tree_map(lambda a, s=s: np.asarray(a)[s], (scores, start))
+        alone = prune_to_level(*one, spec, 2.5)
+        reference = _reference_prune(*one, spec, 2.5)
+        for a, b, c, m in zip(*(jax.tree_util.tree_leaves(t) for t in (together, alone,
+                                                                       reference, one[1])),
+                              strict=True):
+            np.testing.assert_array_equal(a[s], b)
+            np.testing.assert_array_equal(b, c)
+            assert not np.any(b & ~m)  # only removes entries

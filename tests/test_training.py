@@ -237,3 +237,44 @@ def test_probe_kernel_is_recorded_at_every_step_and_starts_at_the_init_ntk():
     assert not np.allclose(traj.probe_kernel[1, -1], traj.probe_kernel[1, 0])
     program(params0, data, _no_batches(2))  # a second call reuses the compiled program
     assert len(program._compiled) == 1
+
+
+@pytest.mark.parametrize("path", ["exact", "linear"])
+def test_stepwise_loop_records_what_the_fused_loop_records(path, x64):
+    """The host loop over single steps (chosen for CNNs on the CPU) against the program with
+    the loop inside: same trajectory, with minibatches, a mask, a rewind step, a late start,
+    feature change and the probe kernel."""
+    data = load_dataset(DataConfig(name="mnist1d", n_train=24, n_test=12), "mse")
+    model = build_model(ModelConfig(arch="cnn1d", depth=2, kernel_size=3), 6,
+                        data.input_shape, data.n_out)
+    params0 = jax.vmap(model.init)(jax.vmap(jax.random.PRNGKey)(jnp.arange(2)))
+    arrays = {"x_train": jnp.asarray(data.x_train), "y_train": jnp.asarray(data.y_train),
+              "x_test": jnp.asarray(data.x_test), "x_probe": jnp.asarray(data.x_train[:4])}
+    cfg = TrainConfig(steps=12, learning_rate=0.3, optimizer="momentum", batch_size=8)
+    batches = jax.vmap(lambda k: batch_order(k, 24, 8, cfg.steps))(
+        jax.random.split(jax.random.PRNGKey(3), 2))
+    fn = _exact(model) if path == "exact" else linearize(model.apply_fn)
+    mask = jax.tree_util.tree_map(
+        lambda p: jax.random.bernoulli(jax.random.PRNGKey(4), 0.7, p.shape), params0)
+    steps = log_spaced_steps(cfg.steps, 4)
+    options = {"probe_kernel_fn": lambda p, x: empirical_ntk(model.apply_fn, p, x),
+               "feature_fn": lambda p, p0, x: model.feature_fn(p, x)}
+    runs = {}
+    for loop in ("fused", "stepwise", "auto"):
+        program = TrainingProgram(fn, cfg, steps, loop=loop, **options)
+        runs[loop] = program(params0, arrays, batches, update_mask=mask,
+                             rewind_step=int(steps[2]), start_step=2)
+        assert program.loop == ("stepwise" if loop == "auto" else loop)
+    tol = {"rtol": 1e-10, "atol": 1e-12} if x64 else {"rtol": 2e-4, "atol": 2e-5}
+    fused = runs["fused"]
+    for run in (runs["stepwise"], runs["auto"]):
+        for field in ("f_train", "f_test", "sq_change", "sq_norm0", "params", "params_rewind",
+                      "probe_kernel", "feature_sq_change", "feature_sq_norm0"):
+            jax.tree_util.tree_map(functools.partial(np.testing.assert_allclose, **tol),
+                                   getattr(run, field), getattr(fused, field))
+    assert not np.allclose(fused.f_test[:, -1], fused.f_test[:, 0])  # it trained
+
+
+def test_unknown_loop_is_refused():
+    with pytest.raises(ValueError, match="loop 'inline'"):
+        TrainingProgram(lambda p, p0, x: x, TrainConfig(), np.array([0, 1]), loop="inline")
