@@ -54,6 +54,8 @@ _EXPORTS = {
     "rewind_sweep": "connectivity_figures", "stability_vs_time": "connectivity_figures",
     "subspace_accuracy": "connectivity_figures", "subspace_table": "connectivity_figures",
     "stability_table": "connectivity_figures",
+    # the interactive explorer of the tangent-space picture
+    "explore": "explorer", "Explorer": "explorer", "ExplorerSettings": "explorer",
     # escape dimensions: Hessians, neuron embeddings, census tables and figures
     "hessian_eigenvalues": "hessian", "lanczos_eigenvalues": "hessian",
     "smallest_eigenvalue": "hessian", "split_neuron": "hessian",

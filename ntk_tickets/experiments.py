@@ -311,7 +311,7 @@ def run_dense(cfg: StudyConfig, data: Dataset, width: int) -> DenseCell:
     f_test_exact = (np.asarray(trajectories["exact"].f_test) if "exact" in trajectories
                     else None)
     closed_steps = closed_form_steps(cfg, steps)
-    for outputs in _closed_form_outputs(cfg, setup, data, f_test_exact).values():
+    for outputs in closed_form_outputs(cfg, setup, data, f_test_exact).values():
         rows += path_rows(outputs, seeds, closed_steps, cfg.metrics)
         info["diverged_step"][outputs.path] = divergence_by_seed(
             seeds, closed_steps, outputs.f_train, data.y_train, cfg.train.loss)
@@ -374,7 +374,7 @@ def closed_form_steps(cfg: StudyConfig, steps: np.ndarray) -> np.ndarray:
     return steps[-1:] if cfg.train.closed_form_time == "inf" else steps
 
 
-def _closed_form_outputs(cfg: StudyConfig, setup: CellSetup, data: Dataset,
+def closed_form_outputs(cfg: StudyConfig, setup: CellSetup, data: Dataset,
                          f_test_exact: np.ndarray | None) -> dict[str, metrics.PathOutputs]:
     """The outputs (s, r', n, k) of the entk, ntk and nngp paths that ``cfg.paths`` asks for
     (none without :func:`has_closed_forms`), r' the :func:`closed_form_steps`.
