@@ -139,7 +139,7 @@ def test_the_accelerator_extras_are_locked_with_the_cpu_jaxlib():
         assert plugin == {jax["version"]} and jax["version"] in versions("jaxlib")
         assert "libtpu" in {d["name"] for d in extras["tpu"]}
     (project,) = [p for p in lock["package"] if p["name"] == "ntk-tickets"]
-    assert set(project["optional-dependencies"]) == {"cuda12", "tpu"}
+    assert set(project["optional-dependencies"]) == {"cuda12", "tpu", "explore"}
     uv = ROOT / ".uv" / "bin" / "uv"
     if not uv.exists():
         pytest.skip("uv is installed by the README's test command (.uv/bin/uv)")
