@@ -164,7 +164,8 @@ class Explorer:
         self._views: dict[ExplorerSettings, View] = {}
 
     def _cell(self, cfg: StudyConfig) -> tuple:
-        """(setup, programs) of the shapes and compiled functions of ``cfg``'s cell, kept."""
+        """(setup, programs, base rate factors) of ``cfg``'s cell (its shapes and compiled
+        programs), kept; the learning rate multiplies the base factors at each run."""
         m = cfg.model
         key = (m.widths[0], m.depth, m.parameterization, m.output_scale, m.center)
         if key not in self._cells:

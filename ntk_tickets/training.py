@@ -258,6 +258,11 @@ def _seed(tree: PyTree, s: int) -> PyTree:
     return jax.tree_util.tree_map(lambda a: a[s], tree)
 
 
+def _stacked(trees: list[PyTree]) -> PyTree:
+    """The inverse of :func:`_seed`: equal PyTrees stacked along a new leading axis."""
+    return jax.tree_util.tree_map(lambda *a: jnp.stack(a), *trees)
+
+
 def seeds_in_parallel() -> bool:
     """Whether :func:`map_seeds` vmaps (on accelerators) rather than loops (on the CPU)."""
     return jax.default_backend() != "cpu"
@@ -275,8 +280,7 @@ def map_seeds(fn: Callable, *stacked: PyTree) -> PyTree:
     if seeds_in_parallel():
         return jax.vmap(fn)(*stacked)
     n_seeds = jax.tree_util.tree_leaves(stacked)[0].shape[0]
-    runs = [fn(*(_seed(tree, s) for tree in stacked)) for s in range(n_seeds)]
-    return jax.tree_util.tree_map(lambda *a: jnp.stack(a), *runs)
+    return _stacked([fn(*(_seed(tree, s) for tree in stacked)) for s in range(n_seeds)])
 
 
 class _Stepwise:
@@ -328,9 +332,9 @@ class _Stepwise:
                 if hi == rewind_step:
                     params_rewind = params
                 recorded.append(record(params, theta0, data, h0))
-            recorded = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *recorded)
+            recorded = _stacked(recorded)
             runs.append(_outputs(recorded, theta0, params, params_rewind, h0))
-        return jax.tree_util.tree_map(lambda *a: jnp.stack(a), *runs)
+        return _stacked(runs)
 
 
 LOOPS = ("auto", "fused", "stepwise")
